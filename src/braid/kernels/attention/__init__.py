@@ -1,0 +1,97 @@
+"""Causal softmax attention: full or sliding window, GQA, document masks, KV-cache positions.
+
+Legend: B batch, T queries, S keys, H query heads, J key/value heads (H % J == 0), D head dim.
+
+`attention` validates its inputs and picks a backend. On CPU that is SDPA with is_causal
+(no window, doc ids or positions) or with an explicit boolean mask; `attention_reference`
+(explicit softmax) is the oracle the tests hold every backend to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from braid.kernels.attention.reference import attention_mask, attention_reference, attention_sdpa
+
+__all__ = ["attention", "attention_mask", "attention_reference"]
+
+
+def attention(
+    q_BTHD: Tensor,
+    k_BSJD: Tensor,
+    v_BSJD: Tensor,
+    *,
+    window: int | None = None,
+    doc_ids_BT: Tensor | None = None,
+    q_pos_BT: Tensor | None = None,
+    k_pos_BS: Tensor | None = None,
+    k_doc_BS: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Causal softmax attention with GQA (J kv heads, H % J == 0). Returns o_BTHD.
+
+    q_BTHD: (B, T, H, D); k_BSJD: (B, S, J, D); v_BSJD: (B, S, J, Dv), o has head dim Dv.
+    Without positions: S == T and query t sees keys s <= t. With positions (the KV-cache
+    path; q_pos_BT and k_pos_BS, integer): a query at absolute position p sees a key at
+    position r iff r <= p, r >= 0 (negative = empty cache slot), and p - r < window when
+    window is set. window=W: each query sees at most W keys (itself and the W-1 before it).
+    doc_ids_BT (integer, same value = same document): only keys of the query's document are
+    seen; keys take doc ids from k_doc_BS on the positions path, else from doc_ids_BT.
+    scale defaults to D ** -0.5. Every query must see at least one key (true for valid
+    inputs: a query always sees itself).
+    """
+    _check_qkv(q_BTHD, k_BSJD, v_BSJD)
+    _check_mask_args(q_BTHD, k_BSJD, window, doc_ids_BT, q_pos_BT, k_pos_BS, k_doc_BS)
+    return attention_sdpa(
+        q_BTHD, k_BSJD, v_BSJD, window=window, doc_ids_BT=doc_ids_BT,
+        q_pos_BT=q_pos_BT, k_pos_BS=k_pos_BS, k_doc_BS=k_doc_BS, scale=scale,
+    )
+
+
+def _check_qkv(q_BTHD: Tensor, k_BSJD: Tensor, v_BSJD: Tensor) -> None:
+    if q_BTHD.ndim != 4 or k_BSJD.ndim != 4 or v_BSJD.ndim != 4:
+        raise ValueError(
+            f"attention: q, k, v must be 4-d (batch, time, heads, head_dim); got shapes "
+            f"{tuple(q_BTHD.shape)}, {tuple(k_BSJD.shape)}, {tuple(v_BSJD.shape)}"
+        )
+    if k_BSJD.shape[:3] != v_BSJD.shape[:3]:
+        raise ValueError(f"attention: k {tuple(k_BSJD.shape)} and v {tuple(v_BSJD.shape)} differ in (B, S, J)")
+    if q_BTHD.shape[0] != k_BSJD.shape[0] or q_BTHD.shape[3] != k_BSJD.shape[3]:
+        raise ValueError(
+            f"attention: q {tuple(q_BTHD.shape)} and k {tuple(k_BSJD.shape)} must agree in batch and head_dim"
+        )
+    H, J = q_BTHD.shape[2], k_BSJD.shape[2]
+    if H % J:
+        raise ValueError(f"attention: {J} key/value heads do not divide {H} query heads (GQA needs H % J == 0)")
+    if not (q_BTHD.dtype == k_BSJD.dtype == v_BSJD.dtype) or not q_BTHD.is_floating_point():
+        raise ValueError(
+            f"attention: q, k, v need one floating dtype; got {q_BTHD.dtype}, {k_BSJD.dtype}, {v_BSJD.dtype}"
+        )
+
+
+def _check_mask_args(q_BTHD, k_BSJD, window, doc_ids_BT, q_pos_BT, k_pos_BS, k_doc_BS) -> None:
+    B, T, S = q_BTHD.shape[0], q_BTHD.shape[1], k_BSJD.shape[1]
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"attention: window must be a positive int or None (full causal), got {window!r}")
+    if (q_pos_BT is None) != (k_pos_BS is None):
+        raise ValueError("attention: pass both q_pos_BT and k_pos_BS (the KV-cache path) or neither")
+    if q_pos_BT is None and S != T:
+        raise ValueError(f"attention: {S} keys for {T} queries; pass q_pos_BT and k_pos_BS when S != T")
+    if k_doc_BS is not None and (doc_ids_BT is None or q_pos_BT is None):
+        raise ValueError("attention: k_doc_BS is only meaningful with doc_ids_BT on the positions path")
+    if q_pos_BT is not None and doc_ids_BT is not None and k_doc_BS is None:
+        raise ValueError("attention: with positions and doc_ids_BT, also pass k_doc_BS (each key's document)")
+    for name, ids, length in (
+        ("doc_ids_BT", doc_ids_BT, T), ("q_pos_BT", q_pos_BT, T), ("k_pos_BS", k_pos_BS, S), ("k_doc_BS", k_doc_BS, S)
+    ):
+        _check_index_tensor(name, ids, B, length)
+
+
+def _check_index_tensor(name: str, ids: Tensor | None, batch: int, length: int) -> None:
+    if ids is None:
+        return
+    if ids.shape != (batch, length):
+        raise ValueError(f"attention: {name} has shape {tuple(ids.shape)}, expected ({batch}, {length})")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"attention: {name} must be an integer tensor, got {ids.dtype}")

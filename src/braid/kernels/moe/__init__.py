@@ -1,0 +1,48 @@
+"""Grouped SwiGLU for dropless mixture-of-experts: each expert runs on its contiguous slice.
+
+Legend: N rows sorted by expert, D model dim, F expert hidden dim, E experts.
+"""
+
+import torch
+
+from braid.kernels.moe.reference import grouped_swiglu_reference
+
+__all__ = ["grouped_swiglu"]
+
+
+def grouped_swiglu(
+    x_sorted_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    w3_EDF: torch.Tensor,
+    w2_EFD: torch.Tensor,
+) -> torch.Tensor:
+    """y[rows of e] = (silu(x w1[e]) * (x w3[e])) w2[e] for each expert e.
+
+    x_sorted_ND: (N, D) rows sorted by expert; counts_E: (E,) integer rows per expert,
+    summing to N; w1_EDF, w3_EDF: (E, D, F); w2_EFD: (E, F, D). Returns y_sorted_ND (N, D)
+    in x's dtype, computed in float32 (float64 for float64 inputs).
+    """
+    _check_shapes(x_sorted_ND, counts_E, w1_EDF, w3_EDF, w2_EFD)
+    return grouped_swiglu_reference(x_sorted_ND, counts_E, w1_EDF, w3_EDF, w2_EFD)
+
+
+def _check_shapes(x_sorted_ND, counts_E, w1_EDF, w3_EDF, w2_EFD) -> None:
+    if x_sorted_ND.ndim != 2:
+        raise ValueError(f"grouped_swiglu: x_sorted_ND must be 2-D (rows, d_model), got shape {tuple(x_sorted_ND.shape)}")
+    if w1_EDF.ndim != 3 or w1_EDF.shape != w3_EDF.shape:
+        raise ValueError(
+            f"grouped_swiglu: w1 {tuple(w1_EDF.shape)} and w3 {tuple(w3_EDF.shape)} must both be (E, D, F)"
+        )
+    num_experts, d_model, d_hidden = w1_EDF.shape
+    if tuple(w2_EFD.shape) != (num_experts, d_hidden, d_model):
+        raise ValueError(
+            f"grouped_swiglu: w2 has shape {tuple(w2_EFD.shape)}, expected (E, F, D) = {(num_experts, d_hidden, d_model)}"
+        )
+    if x_sorted_ND.shape[1] != d_model:
+        raise ValueError(f"grouped_swiglu: x_sorted_ND has d_model {x_sorted_ND.shape[1]} but the weights have {d_model}")
+    if counts_E.shape != (num_experts,) or counts_E.dtype.is_floating_point or counts_E.dtype.is_complex:
+        raise ValueError(
+            f"grouped_swiglu: counts_E must be an integer tensor of shape ({num_experts},), "
+            f"got {counts_E.dtype} of shape {tuple(counts_E.shape)}"
+        )

@@ -1,0 +1,29 @@
+"""Pure-PyTorch grouped SwiGLU over experts (the CPU path and the test oracle).
+
+Legend: N rows sorted by expert, D model dim, F expert hidden dim, E experts.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def grouped_swiglu_reference(
+    x_sorted_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    w3_EDF: torch.Tensor,
+    w2_EFD: torch.Tensor,
+) -> torch.Tensor:
+    """A loop over experts: expert e runs on its contiguous slice of counts_E[e] rows."""
+    counts = counts_E.tolist()
+    if any(c < 0 for c in counts) or sum(counts) != x_sorted_ND.shape[0]:
+        raise ValueError(
+            f"grouped_swiglu: counts_E={counts} must be non-negative and sum to the "
+            f"{x_sorted_ND.shape[0]} rows of x_sorted_ND (one count per expert, rows sorted by expert)"
+        )
+    compute_dtype = torch.float64 if x_sorted_ND.dtype == torch.float64 else torch.float32
+    pieces = []
+    for e, x_nD in enumerate(torch.split(x_sorted_ND.to(compute_dtype), counts)):
+        h_nF = F.silu(x_nD @ w1_EDF[e].to(compute_dtype)) * (x_nD @ w3_EDF[e].to(compute_dtype))
+        pieces.append(h_nF @ w2_EFD[e].to(compute_dtype))
+    return torch.cat(pieces).to(x_sorted_ND.dtype)

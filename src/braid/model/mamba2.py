@@ -1,0 +1,167 @@
+"""Mamba-2 mixer (SSD): projections, short causal convs, the SSD scan, gated RMSNorm, output.
+
+Separate z/x/B/C/dt projections (rather than mamba_ssm's one in_proj) so tensor parallelism
+can shard each by heads or groups.
+
+Shape legend: B batch, T time, D d_model, E d_inner (= expand * d_model), H heads,
+P head dim, G groups of B/C, N state dim, K conv taps. Conv states `*_BCK` hold the last
+K-1 inputs, shape (B, channels, K-1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from braid.kernels.ssd import causal_conv1d, causal_conv1d_step, ssd, ssd_step
+from braid.model.config import Mamba2Config
+from braid.model.norm import GatedRMSNorm
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class Mamba2Cache:
+    """Inference state of one Mamba-2 layer; updated in place by Mamba2.forward."""
+
+    conv_x_BCK: Tensor  # (B, E, K-1), model dtype
+    conv_B_BCK: Tensor  # (B, G*N, K-1), model dtype
+    conv_C_BCK: Tensor  # (B, G*N, K-1), model dtype
+    ssm_state_BHPN: Tensor  # (B, H, P, N), float32 (float64 for a float64 model)
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv + SiLU over (B, T, C); `weight` (C, K), `bias` (C,)."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.bias = nn.Parameter(torch.empty(channels))
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.weight.shape[1])
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x_BTC: Tensor, doc_ids_BT: Tensor | None = None, state_BCK: Tensor | None = None) -> Tensor:
+        """y_BTC. With `state_BCK` (the last K-1 inputs) it continues from it and updates it in place."""
+        if state_BCK is None:
+            return causal_conv1d(x_BTC, self.weight, self.bias, doc_ids_BT=doc_ids_BT, activation="silu")
+        if x_BTC.shape[1] == 1:
+            y_BC, new_state_BCK = causal_conv1d_step(x_BTC[:, 0], state_BCK, self.weight, self.bias, "silu")
+            y_BTC = y_BC[:, None]
+        else:
+            y_BTC, new_state_BCK = causal_conv1d(
+                x_BTC, self.weight, self.bias, initial_state_BCK=state_BCK, activation="silu", return_final_state=True
+            )
+        state_BCK.copy_(new_state_BCK)
+        return y_BTC
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 mixer following the braid mixer contract (see braid.model)."""
+
+    fp32_params = ("dt_bias", "A_log", "D")
+
+    def __init__(self, d_model: int, cfg: Mamba2Config, *, norm_eps: float = 1e-5):
+        super().__init__()
+        cfg.validate(d_model)
+        self.cfg = cfg
+        d_inner = cfg.d_inner(d_model)
+        self.num_heads = d_inner // cfg.head_dim
+        bc_dim = cfg.n_groups * cfg.d_state
+        self.z_proj = nn.Linear(d_model, d_inner, bias=False)
+        self.x_proj = nn.Linear(d_model, d_inner, bias=False)
+        self.B_proj = nn.Linear(d_model, bc_dim, bias=False)
+        self.C_proj = nn.Linear(d_model, bc_dim, bias=False)
+        self.dt_proj = nn.Linear(d_model, self.num_heads, bias=False)
+        self.conv_x = CausalConv1d(d_inner, cfg.d_conv)
+        self.conv_B = CausalConv1d(bc_dim, cfg.d_conv)
+        self.conv_C = CausalConv1d(bc_dim, cfg.d_conv)
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
+        self.norm = GatedRMSNorm(d_inner, eps=norm_eps, group_size=d_inner // cfg.n_groups)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """mamba_ssm's scheme: dt log-uniform in [dt_min, dt_max] (stored as inverse softplus),
+        A uniform in A_init_range, D = 1; linears normal(0, 0.02); conv uniform(+-1/sqrt(K))."""
+        cfg = self.cfg
+        u_H = torch.rand_like(self.dt_bias)
+        dt_H = torch.exp(u_H * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt_H = dt_H.clamp(min=cfg.dt_init_floor)
+        self.dt_bias.copy_(dt_H + torch.log(-torch.expm1(-dt_H)))
+        self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(*cfg.A_init_range)))
+        self.D.fill_(1.0)
+        for proj in (self.z_proj, self.x_proj, self.B_proj, self.C_proj, self.dt_proj, self.out_proj):
+            nn.init.normal_(proj.weight, mean=0.0, std=0.02)
+        for conv in (self.conv_x, self.conv_B, self.conv_C):
+            conv.reset_parameters()
+        nn.init.ones_(self.norm.weight)
+
+    def new_cache(self, batch_size: int, max_seq_len: int, device, dtype) -> Mamba2Cache:
+        """An empty cache; its size does not depend on `max_seq_len` (the state is constant-size)."""
+        taps = self.cfg.d_conv - 1
+        bc_dim = self.conv_B.weight.shape[0]
+        return Mamba2Cache(
+            conv_x_BCK=torch.zeros(batch_size, self.conv_x.weight.shape[0], taps, device=device, dtype=dtype),
+            conv_B_BCK=torch.zeros(batch_size, bc_dim, taps, device=device, dtype=dtype),
+            conv_C_BCK=torch.zeros(batch_size, bc_dim, taps, device=device, dtype=dtype),
+            ssm_state_BHPN=torch.zeros(
+                batch_size, self.num_heads, self.cfg.head_dim, self.cfg.d_state, device=device,
+                dtype=_state_dtype(dtype),
+            ),
+        )
+
+    def forward(self, x_BTD: Tensor, doc_ids_BT: Tensor | None = None, cache: Mamba2Cache | None = None) -> Tensor:
+        """y_BTD. With `cache`, continues from it (prefill of any T, then usually T=1 steps) and
+        updates it in place; doc_ids must then be None."""
+        if cache is not None and doc_ids_BT is not None:
+            raise ValueError("Mamba2: doc_ids must be None when a cache is given (decode one document per row)")
+        cfg = self.cfg
+        conv_states = (cache.conv_x_BCK, cache.conv_B_BCK, cache.conv_C_BCK) if cache is not None else (None,) * 3
+        groups = (cfg.n_groups, cfg.d_state)
+        z_BTE = self.z_proj(x_BTD)
+        x_BTE = self.conv_x(self.x_proj(x_BTD), doc_ids_BT, conv_states[0])
+        B_BTGN = self.conv_B(self.B_proj(x_BTD), doc_ids_BT, conv_states[1]).unflatten(-1, groups)
+        C_BTGN = self.conv_C(self.C_proj(x_BTD), doc_ids_BT, conv_states[2]).unflatten(-1, groups)
+        state_dtype = _state_dtype(x_BTD.dtype)
+        dt_BTH = F.softplus(self.dt_proj(x_BTD).to(state_dtype) + self.dt_bias.to(state_dtype))
+        A_H = -torch.exp(self.A_log.to(state_dtype))
+        x_BTHP = x_BTE.unflatten(-1, (self.num_heads, cfg.head_dim))
+        y_BTHP = self._scan(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, doc_ids_BT, cache)
+        return self.out_proj(self.norm(y_BTHP.flatten(-2), z_BTE))
+
+    def _scan(self, x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, doc_ids_BT, cache: Mamba2Cache | None) -> Tensor:
+        if cache is None:
+            return ssd(
+                x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, chunk_size=self.cfg.chunk_size, D_H=self.D, doc_ids_BT=doc_ids_BT
+            )
+        if x_BTHP.shape[1] == 1:
+            y_BHP, state_BHPN = ssd_step(
+                x_BTHP[:, 0], dt_BTH[:, 0], A_H, B_BTGN[:, 0], C_BTGN[:, 0], cache.ssm_state_BHPN, self.D
+            )
+            y_BTHP = y_BHP[:, None]
+        else:
+            y_BTHP, state_BHPN = ssd(
+                x_BTHP,
+                dt_BTH,
+                A_H,
+                B_BTGN,
+                C_BTGN,
+                chunk_size=self.cfg.chunk_size,
+                D_H=self.D,
+                initial_state_BHPN=cache.ssm_state_BHPN,
+                return_final_state=True,
+            )
+        cache.ssm_state_BHPN.copy_(state_BHPN)
+        return y_BTHP
