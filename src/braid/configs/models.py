@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from braid.configs.bench import hybrid_374m
 from braid.model.config import (
     AttentionConfig,
     GLAConfig,
@@ -119,6 +120,7 @@ MODEL_CONFIGS: dict[str, Callable[[], ModelConfig]] = {
     "tiny-mamba2": tiny_mamba2,
     "tiny-gla": tiny_gla,
     "llama-374m": llama_374m,
+    "hybrid-374m": hybrid_374m,
     "hybrid-1b": hybrid_1b,
     "mamba2-hybrid-8b": mamba2_hybrid_8b,
 }

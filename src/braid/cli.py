@@ -1,0 +1,159 @@
+"""The `braid` command: train, eval, generate, plot, configs, data, demo.
+
+User errors (a bad config key, a missing data dir or checkpoint) print one line saying
+what to change and exit 2
+(BRAID_DEBUG=1 shows the traceback instead); a run stopped by the NaN guard exits 1; a run stopped by
+SIGTERM/SIGUSR1 checkpoints and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from braid.train.step import TrainingStopped
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from braid.train import load_config, train
+
+    overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
+    cfg = load_config(args.config, overrides)
+    summary = train(cfg)
+    print(_summary_line(summary))
+    return 0
+
+
+def _summary_line(summary: dict) -> str:
+    parts = [f"step {summary['step']}", f"loss {summary['loss']:.4f}"]
+    if "val_loss" in summary:
+        parts.append(f"val_loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f})")
+    if summary["stopped_by"]:
+        parts.append(f"stopped by {summary['stopped_by']} (rerun the same command to resume)")
+    return f"{', '.join(parts)}; run dir {summary['run_dir']}"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from braid.train import evaluate, load_trained, val_batches
+
+    from braid.data import load_manifest
+
+    load_manifest(args.data)  # a missing or unfinished data dir fails here, before model work
+    run = load_trained(args.ckpt)
+    batches = val_batches(run.cfg.data, args.batches, data_dir=args.data)
+    result = evaluate(run.model, batches, next(run.model.parameters()).device)
+    print(
+        f"{run.checkpoint} (step {run.step}) on {args.data} val: loss {result['val_loss']:.4f} nats/token, "
+        f"perplexity {result['val_ppl']:.2f} over {result['val_tokens']} tokens"
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from braid.train import load_trained, sample_text
+    from braid.train.evaluate import load_run_tokenizer
+
+    run = load_trained(args.ckpt)
+    tokenizer = load_run_tokenizer(run.cfg.data)
+    top_k = args.top_k or None  # 0: sample from the whole vocabulary
+    text = sample_text(run.model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, top_k, args.seed)
+    print(text)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from braid.train import plot_run
+
+    print(f"wrote {plot_run(args.run_dir)}")
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    from braid.configs.train import TRAIN_CONFIGS
+
+    width = max(len(name) for name in TRAIN_CONFIGS)
+    for name, fn in TRAIN_CONFIGS.items():
+        cfg = fn()
+        print(
+            f"{name:<{width}}  {cfg.model.pattern!r}, d_model {cfg.model.d_model}, seq {cfg.data.seq_len}, "
+            f"batch {cfg.data.batch_size}, {cfg.train.steps} steps, device {cfg.train.device}"
+        )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from braid.train.demo import run_demo
+
+    return run_demo(args.out, args.data, args.overrides)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train from a named config or YAML file (auto-resumes)")
+    p.add_argument("config", help="a named config (see `braid configs`) or a YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.lr=1e-3")
+    p.add_argument("--out", help="run dir (default: the config's out_dir); resumes if it has a checkpoint")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    p.add_argument("ckpt", help="a run dir (its latest checkpoint) or a checkpoint dir")
+    p.add_argument("--data", required=True, help="prepared data dir whose val split to use")
+    p.add_argument("--batches", type=int, default=20, help="val batches to average over")
+    p.set_defaults(func=cmd_eval)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a trained model")
+    p.add_argument("ckpt", help="a run dir (its latest checkpoint) or a checkpoint dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 samples from the whole vocabulary")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_small(sub) -> None:
+    p = sub.add_parser("plot", help="write RUN_DIR/loss.png (train and val loss vs tokens)")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("configs", help="list the named training configs")
+    p.set_defaults(func=cmd_configs)
+    p = sub.add_parser("demo", help="Gutenberg → tokenizer → shards → tiny-hybrid on CPU, in minutes")
+    p.add_argument("--out", default="runs/demo", help="run dir (default runs/demo)")
+    p.add_argument("--data", default="data/gutenberg", help="data dir, created if missing")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the tiny-hybrid config")
+    p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from braid.data.cli import register
+
+    parser = argparse.ArgumentParser(prog="braid", description="Pretrain hybrid language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_generate(sub)
+    _add_small(sub)
+    register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("BRAID_DEBUG"):
+            raise
+        print(f"braid: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except TrainingStopped as error:
+        print(f"braid: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Atomic DCP checkpoints: model, optimizer, and the run's other state (step, loader, RNG).
+
+Layout of a run dir:
+
+    RUN/ckpt/step_000123/      a complete checkpoint (DCP files + COMPLETE)
+    RUN/ckpt/step_000130.tmp/  one being written, or left by a crash: never loaded
+
+A checkpoint is written into `step_N.tmp`, then the COMPLETE file (JSON metadata) is
+written and synced, then the dir is renamed to `step_N`. Rename is atomic on POSIX, so a
+dir without the suffix is always whole; `latest_checkpoint` also requires COMPLETE.
+torch.distributed.checkpoint (DCP) runs in one process without a process group, and the
+same files load under any sharding later.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "ckpt" / f"step_{step:06d}"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (`.tmp` dirs and dirs without COMPLETE skipped)."""
+    root = Path(run_dir) / "ckpt"
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / COMPLETE).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in `run_dir`, or None."""
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir from a run dir (its latest) or a checkpoint dir; ValueError if neither."""
+    path = Path(path)
+    if (path / COMPLETE).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise ValueError(
+            f"{str(path)!r} is neither a run dir with a complete checkpoint (RUN/ckpt/step_N) nor a "
+            "checkpoint dir; pass the --out dir of `braid train` or one of its ckpt/step_N dirs"
+        )
+    return latest
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run dir holding `checkpoint` (RUN/ckpt/step_N -> RUN)."""
+    return checkpoint.parent.parent
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _pack(obj: Any) -> bytes:
+    # DCP flattens nested dicts and needs saved tensor shapes to match the load template;
+    # the run's small, variably shaped state (RNG, loader, counters) travels as one blob.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _unpack(blob: bytes) -> Any:
+    return torch.load(io.BytesIO(blob), weights_only=False)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep_last`; returns its dir.
+
+    `extra` is any picklable state (loader state, counters); RNG states are added here.
+    """
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "extra": _pack({**extra, "rng": capture_rng()})}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(state, checkpoint_id=tmp)
+    _write_complete(tmp, {"step": step, "time": time.time()})
+    if final.exists():  # re-saving a step after a resume: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def _write_complete(path: Path, meta: dict) -> None:
+    with open(path / COMPLETE, "w") as f:
+        json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and stale `.tmp` dirs."""
+    for path in complete_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(path)
+    for path in (Path(run_dir) / "ckpt").glob("step_*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load model and optimizer in place, restore RNG states; returns the saved `extra`."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "extra": b""}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=Path(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    extra = _unpack(state["extra"])
+    restore_rng(extra.pop("rng"))
+    return extra
+
+
+def load_model_weights(path: str | Path, model: nn.Module) -> None:
+    """Load only the model weights of checkpoint `path` (for eval and generation)."""
+    state = {"model": get_model_state_dict(model)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=Path(path))
+    set_model_state_dict(model, state["model"])

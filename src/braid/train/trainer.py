@@ -1,0 +1,298 @@
+"""The Trainer: built from a TrainConfig by small build_* functions; `fit()` runs the loop.
+
+The loop is: take grad_accum micro-batches, `train_step`, update counters and the NaN
+guard, call the hooks that are due. SIGTERM or SIGUSR1 ends the loop after the current
+step with a checkpoint (the process then exits 0; rerunning the same command resumes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from braid.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from braid.train.config import DataConfig, RunConfig, TrainConfig, config_to_dict, load_config_file, save_config
+from braid.train.evaluate import evaluate, load_run_tokenizer, sample_text, to_device, val_batches
+from braid.train.hooks import Hook, default_hooks
+from braid.train.metrics import MetricsLogger, ProgressBar, Throughput, device_peak_flops
+from braid.train.optim import build_optimizer, lr_multiplier
+from braid.train.step import NanGuard, StepOutput, train_step
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # tokens consumed (including skipped steps)
+
+
+def build_device(cfg: RunConfig) -> torch.device:
+    """The training device; on CPU, also applies train.cpu_threads."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if device.type == "cpu" and cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
+    return device
+
+
+def build_autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA ("auto") or when asked; plain float32 otherwise."""
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """Fail early (before model work) when a data dir is missing or its vocab does not fit."""
+    from braid.data import load_manifest
+
+    for path in cfg.data.paths:
+        vocab_size = load_manifest(path)["vocab_size"]
+        if vocab_size > cfg.model.vocab_size:
+            raise ValueError(
+                f"data dir {path!r} has vocab_size {vocab_size} but model.vocab_size={cfg.model.vocab_size}; "
+                f"set model.vocab_size={vocab_size}"
+            )
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """The config with absolute data paths and run dir, so config.yaml works from any cwd."""
+    data = dataclasses.replace(
+        cfg.data,
+        path=str(Path(cfg.data.path).resolve()) if cfg.data.path else "",
+        mixture=[dataclasses.replace(s, path=str(Path(s.path).resolve())) for s in cfg.data.mixture],
+    )
+    return dataclasses.replace(cfg, data=data, out_dir=str(Path(cfg.out_dir).resolve()))
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Create the run dir and write config.yaml, refusing to mix runs in one dir."""
+    run_dir = Path(cfg.out_dir)
+    saved = run_dir / "config.yaml"
+    if latest_checkpoint(run_dir) is not None:
+        if not cfg.checkpoint.resume:
+            raise ValueError(
+                f"run dir {str(run_dir)!r} has checkpoints but checkpoint.resume=false; "
+                "pass a new --out dir, or drop checkpoint.resume=false to continue that run"
+            )
+        if saved.is_file() and load_config_file(saved).model != cfg.model:
+            raise ValueError(
+                f"run dir {str(run_dir)!r} holds checkpoints of a different model config; "
+                "pass a new --out dir, or train with the model config saved in its config.yaml"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved)
+    return run_dir
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    from braid.model import build_model as build_decoder
+
+    model = build_decoder(cfg.model, device=device, seed=cfg.train.seed)
+    model.train()
+    return model
+
+
+def build_loader(data: DataConfig, seed: int):
+    from braid.data import PackedLoader
+
+    return PackedLoader(
+        data.loader_sources(), split="train", seq_len=data.seq_len, batch_size=data.batch_size, seed=seed
+    )
+
+
+class Trainer:
+    """Owns the model, optimizer, loader, counters and sinks of one run (single process)."""
+
+    def __init__(self, cfg: TrainConfig, hooks: list[Hook] | None = None):
+        cfg = resolve_paths(cfg)
+        check_data(cfg)
+        self.cfg = cfg
+        self.device = build_device(cfg.train)
+        self.run_dir = prepare_run_dir(cfg)
+        self.autocast = build_autocast(cfg.train, self.device)
+        seed_everything(cfg.train.seed)
+        self.model = build_model(cfg, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.loader = build_loader(cfg.data, cfg.train.seed)
+        self.state = TrainState()
+        self.nan_guard = NanGuard(cfg.nan_guard.max_consecutive, cfg.nan_guard.max_total)
+        self.resumed_from = self._resume() if cfg.checkpoint.resume else None
+        truncate_metrics(self.run_dir, self.state.step)
+        self.hooks = default_hooks(self) + list(hooks or [])
+        self.metrics = MetricsLogger(self.run_dir, cfg.log, cfg.name, config_to_dict(cfg))
+        self.throughput = Throughput(self._flops_per_token(), device_peak_flops(self.device, cfg.log.peak_flops))
+        self.progress = ProgressBar(cfg.train.steps, self.state.step, cfg.log.progress)
+        self._init_loop_state()
+
+    def _init_loop_state(self) -> None:
+        """What the loop tracks between steps and hooks (derived, so never checkpointed)."""
+        self._batches: Iterator | None = None
+        self._val_batches: list | None = None
+        self.last = StepOutput(float("nan"), float("nan"), float("nan"), False)
+        self.last_row: dict[str, Any] = {}
+        self.last_val: dict[str, float] = {}
+        self.last_val_step = -1
+        self.window: list[StepOutput] = []  # steps since the last metrics row
+        self.stop_signal: str | None = None
+        self._saved_step = self.state.step if self.resumed_from else -1
+
+    def _flops_per_token(self) -> float:
+        from braid.model import flops_per_token
+
+        return flops_per_token(self.cfg.model, self.cfg.data.seq_len)
+
+    def lr_at(self, step: int) -> float:
+        return self.cfg.optim.lr * lr_multiplier(step, self.cfg.schedule, self.cfg.train.steps)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to train.steps (or until a stop signal); returns a summary of the run."""
+        try:
+            with self._stop_signals():
+                while self.state.step < self.cfg.train.steps and self.stop_signal is None:
+                    self._advance()
+                    self._call_hooks()
+                self._finish()
+        finally:
+            self.progress.close()
+            self.metrics.close()
+        return self.summary()
+
+    def _advance(self) -> None:
+        micro_batches = [to_device(self._next_batch(), self.device) for _ in range(self.cfg.optim.grad_accum)]
+        self.last = train_step(
+            self.model, self.optimizer, micro_batches, self.lr_at(self.state.step),
+            self.cfg.optim.grad_clip, self.autocast,
+        )
+        self.state.step += 1
+        tokens = sum(b["input_ids"].numel() for b in micro_batches)
+        self.state.tokens += tokens
+        self.throughput.add(tokens)
+        self.window.append(self.last)
+        if not self.last.updated:
+            self.progress.write(f"step {self.state.step}: non-finite loss or grad norm, update skipped")
+        self.nan_guard.update(self.last.updated, self.state.step)
+        self.progress.update()
+
+    def _call_hooks(self) -> None:
+        for hook in self.hooks:
+            if hook.due(self.state.step):
+                hook.fn(self)
+        if self.last_row.get("step") == self.state.step:
+            self.progress.update_postfix(self.last_row)
+
+    def _finish(self) -> None:
+        if self.stop_signal is not None:
+            self.save_checkpoint()
+            self.progress.write(f"{self.stop_signal}: saved step {self.state.step} to {self.run_dir}/ckpt; exiting")
+            return
+        for hook in self.hooks:
+            if hook.at_end:
+                hook.fn(self)
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if self._batches is None:  # after any resume: the iterator reads the loader's cursor
+            self._batches = iter(self.loader)
+        return next(self._batches)
+
+    def validate(self) -> dict[str, float]:
+        if self._val_batches is None:
+            self._val_batches = val_batches(self.cfg.data, self.cfg.eval.batches)
+        self.last_val = evaluate(self.model, self._val_batches, self.device, self.autocast)
+        self.last_val_step = self.state.step
+        return self.last_val
+
+    def sample(self, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50) -> str:
+        tokenizer = load_run_tokenizer(self.cfg.data)
+        return sample_text(self.model, tokenizer, prompt, max_new_tokens, temperature, top_k, self.cfg.train.seed)
+
+    def save_checkpoint(self) -> Path | None:
+        if self._saved_step == self.state.step:
+            return None
+        extra = {
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "nan_guard": self.nan_guard.state_dict(),
+            "loader": self.loader.state_dict(),
+        }
+        path = save_checkpoint(
+            self.run_dir, self.state.step, self.model, self.optimizer, extra, self.cfg.checkpoint.keep_last
+        )
+        self._saved_step = self.state.step
+        return path
+
+    def _resume(self) -> Path | None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return None
+        extra = load_checkpoint(path, self.model, self.optimizer)
+        self.state = TrainState(step=extra["step"], tokens=extra["tokens"])
+        self.nan_guard.load_state_dict(extra["nan_guard"])
+        self.loader.load_state_dict(extra["loader"])
+        return path
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """SIGTERM/SIGUSR1 set a flag; the loop checkpoints and ends after the current step."""
+
+        def request_stop(signum, frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        try:
+            previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+        except ValueError:  # not the main thread: signals stay with the caller
+            previous = {}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "loss": self.last_row.get("loss", self.last.loss),
+            "skipped_steps": self.nan_guard.total,
+            "stopped_by": self.stop_signal,
+            **self.last_val,
+        }
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics rows past `step` (written after the checkpoint a resumed run restarts from)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(cfg: TrainConfig, hooks: list[Hook] | None = None) -> dict[str, Any]:
+    """Build a Trainer for `cfg` (resuming from its run dir if it has a checkpoint) and fit."""
+    return Trainer(cfg, hooks).fit()
