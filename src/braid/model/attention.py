@@ -66,9 +66,10 @@ class Attention(nn.Module):
         """
         self._check_inputs(x_BTD, doc_ids_BT, cache)
         B, T, _ = x_BTD.shape
-        q_BTHK = self.wq(x_BTD).view(B, T, self.num_heads, self.head_dim)
-        k_BTJK = self.wk(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
-        v_BTJK = self.wv(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
+        # -1 heads: under tensor parallelism each rank holds only its own heads.
+        q_BTHK = self.wq(x_BTD).view(B, T, -1, self.head_dim)
+        k_BTJK = self.wk(x_BTD).view(B, T, -1, self.head_dim)
+        v_BTJK = self.wv(x_BTD).view(B, T, -1, self.head_dim)
         pos_BT = self._positions(x_BTD, doc_ids_BT, cache)
         cos_BTK, sin_BTK = rope_cos_sin(pos_BT, self.head_dim, self.rope_theta, q_BTHK.dtype)
         q_BTHK = apply_rope(q_BTHK, cos_BTK, sin_BTK)
@@ -77,7 +78,7 @@ class Attention(nn.Module):
             o_BTHK = attention(q_BTHK, k_BTJK, v_BTJK, window=self.window, doc_ids_BT=doc_ids_BT)
         else:
             o_BTHK = self._attend_cached(q_BTHK, k_BTJK, v_BTJK, pos_BT, cache)
-        return self.wo(o_BTHK.reshape(B, T, self.num_heads * self.head_dim))
+        return self.wo(o_BTHK.flatten(2))
 
     def new_cache(self, batch_size: int, max_seq_len: int, device, dtype) -> KVCache:
         """An empty cache: max_seq_len slots for full attention, `window` slots (a ring) otherwise."""

@@ -57,7 +57,8 @@ class GatedLinearAttention(nn.Module):
         nn.init.ones_(self.norm.weight)
 
     def _heads(self, x_BTD: Tensor, width: int) -> Tensor:
-        return x_BTD.unflatten(-1, (self.num_heads, width // self.num_heads))
+        # -1 heads: under tensor parallelism each rank holds only its own heads.
+        return x_BTD.unflatten(-1, (-1, width // self.num_heads))
 
     def forward(self, x_BTD: Tensor, doc_ids_BT: Tensor | None = None, cache: GLACache | None = None) -> Tensor:
         """x_BTD -> y_BTD. With `cache`, runs incrementally (a prompt of any length, then

@@ -129,7 +129,8 @@ class Mamba2(nn.Module):
             raise ValueError("Mamba2: doc_ids must be None when a cache is given (decode one document per row)")
         cfg = self.cfg
         conv_states = (cache.conv_x_BCK, cache.conv_B_BCK, cache.conv_C_BCK) if cache is not None else (None,) * 3
-        groups = (cfg.n_groups, cfg.d_state)
+        # -1 heads and groups: under tensor parallelism each rank holds only its own.
+        groups = (-1, cfg.d_state)
         z_BTE = self.z_proj(x_BTD)
         x_BTE = self.conv_x(self.x_proj(x_BTD), doc_ids_BT, conv_states[0])
         B_BTGN = self.conv_B(self.B_proj(x_BTD), doc_ids_BT, conv_states[1]).unflatten(-1, groups)
@@ -137,7 +138,7 @@ class Mamba2(nn.Module):
         state_dtype = _state_dtype(x_BTD.dtype)
         dt_BTH = F.softplus(self.dt_proj(x_BTD).to(state_dtype) + self.dt_bias.to(state_dtype))
         A_H = -torch.exp(self.A_log.to(state_dtype))
-        x_BTHP = x_BTE.unflatten(-1, (self.num_heads, cfg.head_dim))
+        x_BTHP = x_BTE.unflatten(-1, (-1, cfg.head_dim))
         y_BTHP = self._scan(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, doc_ids_BT, cache)
         return self.out_proj(self.norm(y_BTHP.flatten(-2), z_BTE))
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braid.kernels.swiglu import silu_mul
 from braid.model.config import MatFormerConfig
 from braid.model.mlp import SwiGLU
 
@@ -40,7 +41,7 @@ class MatFormerFFN(nn.Module):
         if x_BTD.shape[-1] != d_model:
             raise ValueError(f"MatFormerFFN: input last dim {x_BTD.shape[-1]} does not match d_model={d_model}")
         w1_MD, w3_MD, w2_DM = self._prefix(width)
-        return F.linear(F.silu(F.linear(x_BTD, w1_MD)) * F.linear(x_BTD, w3_MD), w2_DM)
+        return F.linear(silu_mul(F.linear(x_BTD, w1_MD), F.linear(x_BTD, w3_MD)), w2_DM)
 
     def sliced_state_dict(self, width: float) -> dict[str, torch.Tensor]:
         """A SwiGLU state dict (copied weights) of hidden width cfg.hidden(width)."""
@@ -56,6 +57,9 @@ class MatFormerFFN(nn.Module):
 
     def _prefix(self, width: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         num_hidden = self.cfg.hidden(1.0 if width is None else width)  # raises on a width not in granularities
+        # Under tensor parallelism w1 holds d_ff / tp units, each rank its share of every
+        # nested band (braid.parallel.tp), so the local prefix is hidden(width) / tp.
+        num_hidden = num_hidden * self.w1.weight.shape[0] // self.cfg.d_ff
         return self.w1.weight[:num_hidden], self.w3.weight[:num_hidden], self.w2.weight[:, :num_hidden]
 
 

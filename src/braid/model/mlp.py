@@ -4,8 +4,9 @@ Legend: B batch, T time, D d_model, F hidden width (d_ff).
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from braid.kernels.swiglu import silu_mul
 
 
 class SwiGLU(nn.Module):
@@ -29,4 +30,4 @@ class SwiGLU(nn.Module):
         d_model = self.w1.in_features
         if x_BTD.shape[-1] != d_model:
             raise ValueError(f"SwiGLU: input last dim {x_BTD.shape[-1]} does not match d_model={d_model}")
-        return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))
+        return self.w2(silu_mul(self.w1(x_BTD), self.w3(x_BTD)))

@@ -10,8 +10,13 @@ Dispatch is dropless (no capacity factor): the N*K (token, expert) assignments a
 expert, each expert runs on its contiguous slice through braid.kernels.moe.grouped_swiglu,
 and the outputs are unsorted, weighted by their gates and summed over the k.
 
+Two methods are the seams for parallelism (braid.parallel.ep swaps in a subclass):
+`run_experts` (expert parallelism replaces it by an all-to-all) and `batch_sum` (the aux
+losses are built from per-token sums that it adds over data-parallel ranks, so they are the
+losses of the global batch).
+
 Legend: B batch, T time, D d_model, F expert hidden width (d_expert), E experts, K top_k,
-N tokens (B*T), S routed slots (N*K).
+N tokens (B*T), S routed slots (N*K), X packed statistics (2E + 2).
 """
 
 import torch
@@ -71,11 +76,7 @@ class MoE(nn.Module):
             y_ND = y_ND + self.shared(x_ND)
         if self.training:
             self.tokens_per_expert.add_(counts_E.detach().float())
-        aux = {
-            "load_balance": self._load_balance_loss(scores_NE, counts_E),
-            "z_loss": torch.logsumexp(logits_NE, dim=-1).square().mean(),
-        }
-        return y_ND.reshape(x_BTD.shape), aux
+        return y_ND.reshape(x_BTD.shape), self._aux_losses(logits_NE, scores_NE, counts_E)
 
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_ND: (N, D) -> logits_NE, scores_NE (float32, float64 for float64 x), experts_NK, gates_NK."""
@@ -109,19 +110,48 @@ class MoE(nn.Module):
     ) -> torch.Tensor:
         num_tokens, top_k = experts_NK.shape
         order_S = torch.argsort(experts_NK.flatten(), stable=True)
-        y_sorted_SD = grouped_swiglu(x_ND[order_S // top_k], counts_E, self.w1, self.w3, self.w2)
+        y_sorted_SD = self.run_experts(x_ND[order_S // top_k], counts_E)
         unsort_S = torch.empty_like(order_S)
         unsort_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
         y_NKD = y_sorted_SD[unsort_S].reshape(num_tokens, top_k, -1)
         y_ND = (y_NKD.to(gates_NK.dtype) * gates_NK.unsqueeze(-1)).sum(dim=1)
         return y_ND.to(x_ND.dtype)
 
-    def _load_balance_loss(self, scores_NE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def run_experts(self, x_sorted_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """x_sorted_SD: (S, D) rows sorted by expert, counts_E: (E,) -> (S, D) expert outputs.
+
+        The one place the experts run: expert parallelism overrides it with an all-to-all.
+        """
+        return grouped_swiglu(x_sorted_SD, counts_E, self.w1, self.w3, self.w2)
+
+    def batch_sum(self, sums_X: torch.Tensor) -> torch.Tensor:
+        """Per-token statistics summed over this module's tokens -> summed over the whole batch.
+
+        Identity on one device; data and expert parallelism override it with an all-reduce
+        over the ranks that split the batch, so the aux losses are those of the global batch.
+        """
+        return sums_X
+
+    def _aux_losses(
+        self, logits_NE: torch.Tensor, scores_NE: torch.Tensor, counts_E: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         # P_e needs a distribution over experts per token: sigmoid scores are normalised to
         # sum to 1 first, as in DeepSeek-V3's sequence-wise balance loss.
         probs_NE = scores_NE if self.cfg.score == "softmax" else scores_NE / scores_NE.sum(dim=-1, keepdim=True)
-        fraction_E = counts_E.to(probs_NE.dtype) / counts_E.sum()
-        return self.cfg.num_experts * (fraction_E * probs_NE.mean(dim=0)).sum()
+        num_experts = self.cfg.num_experts
+        # Sums, not means, so that batch_sum can add them over ranks before dividing.
+        sums_X = torch.cat(
+            [
+                counts_E.to(probs_NE.dtype),
+                probs_NE.sum(dim=0),
+                torch.logsumexp(logits_NE, dim=-1).square().sum().reshape(1),
+                probs_NE.new_full((1,), probs_NE.shape[0]),
+            ]
+        )
+        counts_E, probs_sum_E, z_sum, num_tokens = self.batch_sum(sums_X).split([num_experts, num_experts, 1, 1])
+        fraction_E = counts_E / counts_E.sum()
+        load_balance = num_experts * (fraction_E * probs_sum_E / num_tokens).sum()
+        return {"load_balance": load_balance, "z_loss": (z_sum / num_tokens).squeeze(0)}
 
     def extra_repr(self) -> str:
         cfg = self.cfg

@@ -2,9 +2,11 @@
 
 Legend: B batch, T queries, S keys, H query heads, J key/value heads (H % J == 0), D head dim.
 
-`attention` validates its inputs and picks a backend. On CPU that is SDPA with is_causal
-(no window, doc ids or positions) or with an explicit boolean mask; `attention_reference`
-(explicit softmax) is the oracle the tests hold every backend to.
+`attention` validates its inputs and picks a backend (braid.kernels.backend). On CUDA: SDPA
+in the inputs' dtype with is_causal (cuDNN) for full causal attention; flash-attn (when it
+imports) or FlexAttention block masks for sliding windows and documents. The KV-cache path
+(positions) and the CPU run `attention_sdpa`: SDPA in float32 with is_causal or an explicit
+boolean mask. `attention_reference` (explicit softmax) is the oracle every backend is held to.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import Tensor
 
 from braid.kernels.attention.reference import attention_mask, attention_reference, attention_sdpa
+from braid.kernels.backend import backend_module, pick
 
 __all__ = ["attention", "attention_mask", "attention_reference"]
 
@@ -43,10 +46,33 @@ def attention(
     """
     _check_qkv(q_BTHD, k_BSJD, v_BSJD)
     _check_mask_args(q_BTHD, k_BSJD, window, doc_ids_BT, q_pos_BT, k_pos_BS, k_doc_BS)
+    if q_pos_BT is None:
+        window = None if window is not None and window >= q_BTHD.shape[1] else window
+        unsupported = _unsupported_backends(q_BTHD, v_BSJD, window, doc_ids_BT)
+        backend = pick("attention", q_BTHD, k_BSJD, v_BSJD, unsupported=unsupported)
+        if backend == "sdpa":
+            return backend_module("attention", "sdpa").causal_sdpa(q_BTHD, k_BSJD, v_BSJD, scale=scale)
+        if backend == "flash_attn":
+            module = backend_module("attention", "flash_attn")
+            return module.attention_flash(q_BTHD, k_BSJD, v_BSJD, window=window, doc_ids_BT=doc_ids_BT, scale=scale)
+        if backend == "flex":
+            module = backend_module("attention", "flex")
+            return module.attention_flex(q_BTHD, k_BSJD, v_BSJD, window=window, doc_ids_BT=doc_ids_BT, scale=scale)
     return attention_sdpa(
         q_BTHD, k_BSJD, v_BSJD, window=window, doc_ids_BT=doc_ids_BT,
         q_pos_BT=q_pos_BT, k_pos_BS=k_pos_BS, k_doc_BS=k_doc_BS, scale=scale,
     )
+
+
+def _unsupported_backends(q_BTHD: Tensor, v_BSJD: Tensor, window: int | None, doc_ids_BT: Tensor | None) -> list[str]:
+    """Fast backends that cannot run this call (positions are never sent to them)."""
+    unsupported = []
+    if window is not None or doc_ids_BT is not None:
+        unsupported.append("sdpa")
+    head_dim = q_BTHD.shape[-1]
+    if q_BTHD.dtype not in (torch.float16, torch.bfloat16) or v_BSJD.shape[-1] != head_dim or head_dim > 256:
+        unsupported.append("flash_attn")
+    return unsupported
 
 
 def _check_qkv(q_BTHD: Tensor, k_BSJD: Tensor, v_BSJD: Tensor) -> None:

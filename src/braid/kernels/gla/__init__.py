@@ -1,5 +1,8 @@
 """Gated linear attention (Yang et al. 2023): public ops that validate inputs and dispatch.
 
+On CUDA they run fla's chunk_gla / fused_recurrent_gla (braid.kernels.gla.fla), elsewhere
+the pure-PyTorch references (see braid.kernels.backend).
+
 Legend: B batch, T time, H heads, K key head dim, V value head dim.
 """
 
@@ -7,6 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from braid.kernels.backend import backend_module, pick
 from braid.kernels.gla.reference import gla_chunked, gla_step_reference
 
 __all__ = ["gla", "gla_step"]
@@ -63,7 +67,8 @@ def gla(
     to each row's first document only. Computes in float32 (float64 for float64 inputs).
 
     Returns o_BTHV in v's dtype, and with return_final_state also the state after the last
-    token (of the last document), float32 or float64, shape (B, H, K, V).
+    token (of the last document), float32 or float64, shape (B, H, K, V). chunk_size sets
+    the reference's chunk; fla chooses its own.
     """
     _check_inputs(q_BTHK, k_BTHK, v_BTHV, g_BTHK, "(B, T, H, K)")
     B, T, H, K = q_BTHK.shape
@@ -78,17 +83,13 @@ def gla(
             raise ValueError(f"gla: doc_ids_BT must be an integer tensor, got dtype {doc_ids_BT.dtype}")
     if initial_state_BHKV is not None:
         _check_state("initial_state_BHKV", initial_state_BHKV, B, H, K, v_BTHV.shape[-1])
-    return gla_chunked(
-        q_BTHK,
-        k_BTHK,
-        v_BTHV,
-        g_BTHK,
-        scale=scale,
-        chunk_size=chunk_size,
-        doc_ids_BT=doc_ids_BT,
-        initial_state_BHKV=initial_state_BHKV,
+    kwargs = dict(
+        scale=scale, doc_ids_BT=doc_ids_BT, initial_state_BHKV=initial_state_BHKV,
         return_final_state=return_final_state,
     )
+    if pick("gla", q_BTHK, k_BTHK, v_BTHV, g_BTHK, initial_state_BHKV) == "fla":
+        return backend_module("gla", "fla").gla_fla(q_BTHK, k_BTHK, v_BTHV, g_BTHK, **kwargs)
+    return gla_chunked(q_BTHK, k_BTHK, v_BTHV, g_BTHK, chunk_size=chunk_size, **kwargs)
 
 
 def gla_step(
@@ -99,5 +100,7 @@ def gla_step(
     _check_inputs(q_BHK, k_BHK, v_BHV, g_BHK, "(B, H, K)")
     B, H, K = q_BHK.shape
     _check_state("state_BHKV", state_BHKV, B, H, K, v_BHV.shape[-1])
+    if pick("gla_step", q_BHK, k_BHK, v_BHV, g_BHK, state_BHKV) == "fla":
+        return backend_module("gla_step", "fla").gla_step_fla(q_BHK, k_BHK, v_BHV, g_BHK, state_BHKV, scale)
     return gla_step_reference(q_BHK, k_BHK, v_BHV, g_BHK, state_BHKV, scale)
 

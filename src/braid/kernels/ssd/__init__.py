@@ -1,6 +1,8 @@
 """Mamba-2 SSD scan and the depthwise causal convolution in front of it.
 
-`ssd` validates its inputs and runs the chunked pure-PyTorch reference (the CPU path).
+`ssd` validates its inputs and picks a backend (braid.kernels.backend): on CUDA fla's
+chunk_simple_gla (braid.kernels.ssd.fla) or mamba_ssm's mamba_chunk_scan_combined
+(braid.kernels.ssd.mamba_ssm), elsewhere the chunked pure-PyTorch reference (the CPU path).
 
 Shape legend: B batch, T time, H heads, P head dim, G groups of B/C, N state dim.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from braid.kernels.backend import backend_module, pick
 from braid.kernels.ssd.conv import causal_conv1d, causal_conv1d_step
 from braid.kernels.ssd.reference import ssd_chunked, ssd_step_reference
 
@@ -102,20 +105,20 @@ def ssd(
 
     Returns y_BTHP in x's dtype, and with `return_final_state` also the state after the last
     token (of the last document only), (B, H, P, N) in float32 (float64 for float64 x).
+    chunk_size sets the reference's chunk; the fast backends choose their own.
     """
     _check_sequence_inputs(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, chunk_size, D_H, doc_ids_BT, initial_state_BHPN)
-    return ssd_chunked(
-        x_BTHP,
-        dt_BTH,
-        A_H,
-        B_BTGN,
-        C_BTGN,
-        chunk_size=chunk_size,
-        D_H=D_H,
-        doc_ids_BT=doc_ids_BT,
-        initial_state_BHPN=initial_state_BHPN,
-        return_final_state=return_final_state,
+    kwargs = dict(
+        D_H=D_H, doc_ids_BT=doc_ids_BT, initial_state_BHPN=initial_state_BHPN, return_final_state=return_final_state
     )
+    unsupported = ("mamba_ssm",) if doc_ids_BT is not None and initial_state_BHPN is not None else ()
+    backend = pick("ssd", x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, D_H, initial_state_BHPN, unsupported=unsupported)
+    if backend == "fla":
+        return backend_module("ssd", "fla").ssd_fla(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, **kwargs)
+    if backend == "mamba_ssm":
+        module = backend_module("ssd", "mamba_ssm")
+        return module.ssd_mamba_ssm(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, chunk_size=chunk_size, **kwargs)
+    return ssd_chunked(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, chunk_size=chunk_size, **kwargs)
 
 
 def ssd_step(
@@ -147,4 +150,6 @@ def ssd_step(
         tuple(state_BHPN.shape) == (batch, H, P, N),
         f"state must have shape (batch, heads, head_dim, d_state)={(batch, H, P, N)}, got {tuple(state_BHPN.shape)}",
     )
+    if pick("ssd_step", x_BHP, dt_BH, A_H, B_BGN, C_BGN, state_BHPN, D_H) == "fla":
+        return backend_module("ssd_step", "fla").ssd_step_fla(x_BHP, dt_BH, A_H, B_BGN, C_BGN, state_BHPN, D_H)
     return ssd_step_reference(x_BHP, dt_BH, A_H, B_BGN, C_BGN, state_BHPN, D_H)

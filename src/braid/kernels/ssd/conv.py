@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from braid.kernels.backend import backend_module, pick
 from braid.kernels.ssd.reference import compute_dtype
 
 _ACTIVATIONS = {None: lambda y: y, "silu": F.silu}
@@ -63,9 +64,30 @@ def causal_conv1d(
     initial_state_BCK: (B, C, K-1), the inputs before x (zeros if None), seen only by the first
     document of each row; activation: "silu" or None.
     Returns y_BTC (x's dtype) and with `return_final_state` the last K-1 inputs (B, C, K-1),
-    those of earlier documents zeroed.
+    those of earlier documents zeroed. On CUDA this runs fla's Triton conv (see
+    braid.kernels.backend), elsewhere `causal_conv1d_reference`.
     """
     _check_conv_inputs(x_BTC, weight_CK, bias_C, doc_ids_BT, initial_state_BCK, activation)
+    kwargs = dict(
+        doc_ids_BT=doc_ids_BT, initial_state_BCK=initial_state_BCK, activation=activation,
+        return_final_state=return_final_state,
+    )
+    if pick("conv", x_BTC, weight_CK, bias_C, initial_state_BCK) == "fla":
+        return backend_module("conv", "fla").causal_conv1d_fla(x_BTC, weight_CK, bias_C, **kwargs)
+    return causal_conv1d_reference(x_BTC, weight_CK, bias_C, **kwargs)
+
+
+def causal_conv1d_reference(
+    x_BTC: Tensor,
+    weight_CK: Tensor,
+    bias_C: Tensor | None = None,
+    *,
+    doc_ids_BT: Tensor | None = None,
+    initial_state_BCK: Tensor | None = None,
+    activation: str | None = "silu",
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The pure-PyTorch conv (the CPU path and the oracle); inputs as `causal_conv1d`, validated."""
     batch, T, C = x_BTC.shape
     K = weight_CK.shape[1]
     dtype = compute_dtype(x_BTC)

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# The GPU suite: parity tests, throughput, kernel benchmarks, on one GPU; a short summary
+# table is printed last. Run from the repository root on the device machine:
+#
+#     source .whl/activate && bash bench/gpu_suite.sh
+#
+# Every stage is time-boxed (`timeout`) and the suite goes on when one fails or times out;
+# the whole suite stops starting stages after SUITE_S seconds (530). Logs go to $OUT/*.log,
+# JSON rows to $OUT/*.jsonl (7 files in all). Stages in order, with their limits in s:
+#
+#     tests              pytest -m gpu tests/gpu                                T_TESTS   (240)
+#     throughput_llama   llama-374m vs the HF peer (eager, compiled), seq 2048   T_LLAMA   (120)
+#     kernels            bench/kernels.py, sections KERNELS_ONLY (all)           T_KERNELS (100)
+#     throughput_hybrid  hybrid-374m, then llama-374m, at seq 8192               T_HYBRID  (240), T_LLAMA8K (45)
+#
+# fla autotunes each kernel shape on its first call on a machine (minutes for GLA and SSD,
+# shared by the hybrid and the kernel benchmarks); the results persist in TRITON_CACHE_DIR
+# for the machine's life, so what a first call left unfinished is fast on a second call
+# on the same warm machine:
+#
+#     STAGES="throughput_hybrid kernels" KERNELS_ONLY=conv,gla,ssd T_KERNELS=240 bash bench/gpu_suite.sh
+OUT="${OUT:-bench_out}"
+mkdir -p "$OUT"
+STAGES="${STAGES:-tests throughput_llama kernels throughput_hybrid}"
+SUITE_S="${SUITE_S:-530}"
+export FLA_CACHE_RESULTS=1
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-cache}"
+export PYTHONUNBUFFERED=1
+suite_start=$(date +%s)
+status_lines=()
+
+stage() {  # stage NAME LIMIT_S LOG COMMAND...
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local start rc took verdict left
+    left=$(( SUITE_S - ($(date +%s) - suite_start) ))
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
+    if [ "$limit" -lt 20 ]; then
+        status_lines+=("$(printf '%-18s %-14s %5ss  (%s)' "$name" "NOT RUN" 0 "suite time spent")")
+        return
+    fi
+    start=$(date +%s)
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/$log"
+    timeout --kill-after=10 "$limit" "$@" >>"$OUT/$log" 2>&1
+    rc=$?
+    took=$(( $(date +%s) - start ))
+    verdict="ok"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        verdict="TIMED OUT"
+    elif [ "$rc" -ne 0 ]; then
+        verdict="FAILED rc=$rc"
+    fi
+    echo "=== $name: $verdict after ${took}s" | tee -a "$OUT/$log"
+    status_lines+=("$(printf '%-18s %-14s %5ss  (%s)' "$name" "$verdict" "$took" "$log")")
+}
+
+{
+    nvidia-smi -L
+    python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+    python3 - <<'PY'
+from braid.kernels.backend import FAST_BACKENDS, unavailable_reason
+
+for op, backends in FAST_BACKENDS.items():
+    for backend in backends:
+        print(f"{op:14s} {backend:11s} {unavailable_reason(op, backend) or 'available'}")
+PY
+} >"$OUT/env.log" 2>&1
+
+for name in $STAGES; do
+    case "$name" in
+    tests)
+        stage tests "${T_TESTS:-240}" tests.log \
+            python3 -m pytest -m gpu tests/gpu -v --tb=short -rfEs -p no:cacheprovider ;;
+    throughput_llama)
+        stage throughput_llama "${T_LLAMA:-120}" throughput.log \
+            python3 bench/throughput.py --config llama-374m --seq-len 2048 --batch-size 8 --steps 10 --warmup 3 \
+            --compile none block --peer --out "$OUT/throughput.jsonl" ;;
+    kernels)
+        limit="${T_KERNELS:-100}"
+        stage kernels "$limit" kernels.log \
+            python3 bench/kernels.py --budget-s $(( limit * 3 / 4 )) ${KERNELS_ONLY:+--only "$KERNELS_ONLY"} \
+            --out "$OUT/kernels.jsonl" ;;
+    throughput_hybrid)
+        stage throughput_hybrid "${T_HYBRID:-240}" throughput.log \
+            python3 bench/throughput.py --config hybrid-374m --seq-len 8192 --batch-size 2 --steps 10 --warmup 3 \
+            --compile none --no-peer --out "$OUT/throughput.jsonl"
+        stage throughput_llama8k "${T_LLAMA8K:-45}" throughput.log \
+            python3 bench/throughput.py --config llama-374m --seq-len 8192 --batch-size 2 --steps 10 --warmup 3 \
+            --compile none --no-peer --out "$OUT/throughput.jsonl" ;;
+    *)
+        echo "unknown stage $name (stages: tests throughput_llama kernels throughput_hybrid)" ;;
+    esac
+done
+
+body=$(python3 - "$OUT" 2>&1 <<'PY'
+import json
+import pathlib
+import re
+import sys
+
+out = pathlib.Path(sys.argv[1])
+
+
+def rows(name):
+    path = out / name
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+print("throughput (MFU = flops/token * tokens/s / 989 TFLOP/s)")
+for r in rows("throughput.jsonl"):
+    print(f"  {r['name']:38s} seq {r['seq_len']:5d} x{r['batch_size']}  {r['tokens_per_s'] / 1e3:7.1f}k tok/s  "
+          f"MFU {100 * r['mfu']:5.1f}%  peak {r['peak_mem_gib']} GiB  [{r['card']}]")
+kernels = rows("kernels.jsonl")
+if kernels:
+    print("kernels (forward + backward)")
+    for r in kernels:
+        rate = f"{r['tflops']} TFLOP/s" if r.get("tflops") is not None else (f"{r['gbs']} GB/s" if r.get("gbs") else "")
+        ms = "-" if r["ms"] is None else f"{r['ms']:.3f} ms"
+        print(f"  {r['op']:10s} {r['variant']:30s} {ms:>11s}  {rate:16s} {r['note'][:60]}")
+    by = {(r["op"], r["variant"]): r["ms"] for r in kernels}
+    full, slide = by.get(("attention", "full: sdpa (cuDNN)")), by.get(("attention", "window 1024: flex"))
+    if full and slide:
+        print(f"  sliding 1024 (flex) vs full causal (SDPA) at T=8192: {full / slide:.2f}x (target >= 3x)")
+    fla, mamba = by.get(("ssd", "fla chunk_simple_gla")), by.get(("ssd", "mamba_ssm chunk_scan (128)"))
+    if fla and mamba:
+        print(f"  SSD fla {fla:.2f} ms vs mamba_ssm {mamba:.2f} ms: faster = {'fla' if fla <= mamba else 'mamba_ssm'}")
+tests = out / "tests.log"
+if tests.exists():
+    ends = [line for line in tests.read_text().splitlines() if re.search(r"\d+ (passed|failed|skipped|errors?)\b.* in ", line)]
+    print("tests: " + (ends[-1].strip("= ") if ends else "no pytest summary (timed out?)"))
+PY
+)
+{
+    echo "================ braid GPU suite summary ($(( $(date +%s) - suite_start ))s) ================"
+    printf '%s\n' "${status_lines[@]}"
+    echo "$body"
+} | tee "$OUT/summary.txt"

@@ -1,0 +1,399 @@
+"""Each fast kernel against its reference and the best public alternative, forward + backward,
+on one GPU, at the training shapes of hybrid-374m (batch 2 x 8192 tokens, bf16).
+
+    python bench/kernels.py [--only attention,ssd] [--budget-s 240] [--out kernels.jsonl]
+
+Times are medians of triton.testing.do_bench over forward + backward (torch.autograd.grad of
+every output against fixed cotangents), after one untimed call whose duration is reported
+as `first s` (compilation, fla's autotuning). Matmul-like ops report TFLOP/s from the
+nominal FLOPs stated beside each op and the % of a bf16 8192^3 matmul measured in the same
+run; memory-bound ops (conv, norms, SwiGLU) report GB/s of their minimal traffic.
+Included: sliding-window (1024) vs full causal attention at T = 8192 (target >= 3x), and
+fla vs mamba_ssm for SSD (the faster should be the default, braid.kernels.backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from braid.kernels.attention import attention
+from braid.kernels.backend import pick, unavailable_reason, use_backends
+from braid.kernels.cross_entropy import linear_cross_entropy
+from braid.kernels.gla import gla
+from braid.kernels.moe import grouped_swiglu
+from braid.kernels.norm import gated_rms_norm, rms_norm
+from braid.kernels.ssd import causal_conv1d, ssd
+from braid.kernels.swiglu import silu_mul
+
+B, T = 2, 8192
+BF16 = torch.bfloat16
+
+
+@dataclass
+class Result:
+    op: str
+    variant: str
+    shape: str
+    ms: float | None = None
+    tflops: float | None = None
+    gbs: float | None = None
+    pct_ceiling: float | None = None
+    peak_gib: float | None = None
+    first_s: float | None = None
+    note: str = ""
+
+
+def randn(*shape, dtype=BF16, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+
+def fwd_bwd(fn, leaves: dict):
+    """A closure running fn(**leaves) forward and backward (grads of every float leaf)."""
+    leaves = {k: v.requires_grad_(v.is_floating_point()) if v is not None else None for k, v in leaves.items()}
+    wrt = [v for v in leaves.values() if v is not None and v.requires_grad]
+    outs = fn(**leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    cotangents = [torch.randn_like(o) for o in outs]
+
+    def run():
+        outs = fn(**leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.grad(outs, wrt, cotangents)
+
+    return run
+
+
+class Bench:
+    """Runs entries, keeps results (appending each to `out` as it completes), and skips the
+    remaining entries once the time budget is spent."""
+
+    def __init__(self, budget_s: float | None, out: str | None):
+        self.results: list[Result] = []
+        self.deadline = None if budget_s is None else time.time() + budget_s
+        self.ceiling_tflops: float | None = None
+        self.out = out
+        self.card = torch.cuda.get_device_name()
+        self.stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    def add(self, op, variant, shape, make_run, *, flops=None, bytes_moved=None, backend=None, force=None):
+        """Time the closure make_run() returns, under `force` (a BRAID_KERNELS spec).
+
+        backend = (op, name, probe tensors): the entry is reported unavailable unless `pick`
+        chooses that backend for the probe under `force`.
+        """
+        result = Result(op, variant, shape)
+        self.results.append(result)
+        if self.deadline is not None and time.time() > self.deadline:
+            result.note = "skipped: time budget spent"
+        else:
+            self._run(result, make_run, flops, bytes_moved, backend, force)
+        ms = "-" if result.ms is None else f"{result.ms:.3f} ms"
+        print(f"{op:11s} {variant:30s} {ms:>12s}  first {result.first_s} s  {result.note}", flush=True)
+        if self.out:
+            with open(self.out, "a") as f:
+                f.write(json.dumps({"card": self.card, "date": self.stamp, **asdict(result)}) + "\n")
+        return result
+
+    def _run(self, result, make_run, flops, bytes_moved, backend, force) -> None:
+        try:
+            with use_backends(force or "auto"):
+                if backend is not None:
+                    op_name, name, probe = backend
+                    chosen = pick(op_name, *probe)
+                    if chosen != name:
+                        result.note = f"unavailable ({unavailable_reason(op_name, name) or 'picked ' + chosen})"
+                        return
+                self._measure(result, make_run, flops, bytes_moved)
+        except Exception as error:  # one failing entry must not stop the benchmark; it is reported
+            result.note = f"error: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def _measure(self, result: Result, make_run, flops, bytes_moved) -> None:
+        torch.cuda.reset_peak_memory_stats()
+        started = time.time()
+        run = make_run()
+        run()
+        torch.cuda.synchronize()
+        result.first_s = round(time.time() - started, 1)
+        result.ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+        result.peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if flops is not None:
+            result.tflops = round(flops / result.ms / 1e9, 1)
+            if self.ceiling_tflops:
+                result.pct_ceiling = round(100 * result.tflops / self.ceiling_tflops, 1)
+        if bytes_moved is not None:
+            result.gbs = round(bytes_moved / result.ms / 1e6, 1)
+
+    def ms(self, op: str, variant: str) -> float | None:
+        return next((r.ms for r in self.results if r.op == op and r.variant == variant), None)
+
+
+def bench_matmul(bench: Bench) -> None:
+    n = 8192
+    a, b = randn(n, n), randn(n, n)
+    result = bench.add("matmul", "bf16 8192^3", f"{n}^3", lambda: (lambda: a @ b), flops=2 * n**3)
+    bench.ceiling_tflops = result.tflops
+    if result.tflops:
+        result.pct_ceiling = 100.0
+
+
+def attention_flops(window: int | None, H: int, D: int) -> float:
+    """4*B*H*D per visible (query, key) pair forward; forward + backward = 3.5x (FlashAttention's count)."""
+    pairs = T * (T + 1) / 2 if window is None else T * window - window * (window - 1) / 2
+    return 3.5 * 4 * B * H * D * pairs
+
+
+def bench_attention(bench: Bench) -> None:
+    H, J, D, window = 16, 4, 64, 1024
+    shape = f"B{B} T{T} H{H} J{J} D{D}"
+
+    def make(window, doc_ids=None):
+        leaves = dict(q_BTHD=randn(B, T, H, D), k_BSJD=randn(B, T, J, D), v_BSJD=randn(B, T, J, D))
+        return lambda: fwd_bwd(lambda **kw: attention(**kw, window=window, doc_ids_BT=doc_ids), leaves)
+
+    probe = (torch.empty(1, device="cuda", dtype=BF16),)
+    full, slide = attention_flops(None, H, D), attention_flops(window, H, D)
+    bench.add("attention", "full: sdpa (cuDNN)", shape, make(None), flops=full, force="attention=sdpa",
+              backend=("attention", "sdpa", probe))
+    bench.add("attention", "full: flex", shape, make(None), flops=full, force="attention=flex",
+              backend=("attention", "flex", probe))
+    bench.add("attention", "full: flash-attn", shape, make(None), flops=full, force="attention=flash_attn",
+              backend=("attention", "flash_attn", probe))
+    bench.add("attention", "full: reference (fp32 sdpa)", shape, make(None), flops=full, force="reference")
+    bench.add("attention", f"window {window}: flex", shape, make(window), flops=slide, force="attention=flex",
+              backend=("attention", "flex", probe))
+    bench.add("attention", f"window {window}: flash-attn", shape, make(window), flops=slide,
+              force="attention=flash_attn", backend=("attention", "flash_attn", probe))
+    bench.add("attention", f"window {window}: reference", shape, make(window), flops=slide, force="reference")
+    docs = (torch.rand(B, T, device="cuda") < 1 / 1024).cumsum(dim=1)
+    bench.add("attention", f"window {window} + docs: flex", shape, make(window, docs), flops=slide,
+              force="attention=flex", backend=("attention", "flex", probe))
+
+    def mask_build():
+        from braid.kernels.attention.flex import create_causal_block_mask
+
+        return lambda: create_causal_block_mask(T, window, docs, docs.device)
+
+    bench.add("attention", "flex doc block mask build", f"B{B} T{T}", mask_build, force="attention=flex")
+
+
+def ssd_leaves(H=32, P=64, G=1, N=128):
+    return dict(
+        x_BTHP=randn(B, T, H, P),
+        dt_BTH=F.softplus(torch.randn(B, T, H, device="cuda") - 3),
+        A_H=-torch.exp(torch.rand(H, device="cuda") * 2.7),
+        B_BTGN=randn(B, T, G, N, scale=N**-0.5),
+        C_BTGN=randn(B, T, G, N, scale=N**-0.5),
+        D_H=torch.randn(H, device="cuda"),
+    )
+
+
+def bench_ssd(bench: Bench) -> None:
+    H, P, G, N, Q = 32, 64, 1, 128, 64
+    shape = f"B{B} T{T} H{H} P{P} G{G} N{N}"
+    flops = 3 * B * T * (H * (2 * Q * P + 4 * N * P) + G * 2 * Q * N)  # braid.model.flops' SSD term, chunk 64
+    probe = (torch.empty(1, device="cuda", dtype=BF16),)
+
+    def make(chunk):
+        return lambda: fwd_bwd(lambda **kw: ssd(**kw, chunk_size=chunk), ssd_leaves(H, P, G, N))
+
+    bench.add("ssd", "fla chunk_simple_gla", shape, make(128), flops=flops, force="ssd=fla",
+              backend=("ssd", "fla", probe))
+    bench.add("ssd", "mamba_ssm chunk_scan (128)", shape, make(128), flops=flops, force="ssd=mamba_ssm",
+              backend=("ssd", "mamba_ssm", probe))
+    bench.add("ssd", "reference (chunk 128)", shape, make(128), flops=flops, force="reference")
+
+
+def bench_gla(bench: Bench) -> None:
+    H, K, V, C = 8, 64, 128, 64
+    shape = f"B{B} T{T} H{H} K{K} V{V}"
+    flops = 3 * B * T * H * (2 * C * (K + V) + 4 * K * V)  # braid.model.flops' GLA term
+
+    def make():
+        leaves = dict(
+            q_BTHK=randn(B, T, H, K), k_BTHK=randn(B, T, H, K), v_BTHV=randn(B, T, H, V),
+            g_BTHK=(F.logsigmoid(torch.randn(B, T, H, K, device="cuda")) / 16).to(BF16),
+        )
+        return fwd_bwd(lambda **kw: gla(**kw), leaves)
+
+    probe = (torch.empty(1, device="cuda", dtype=BF16),)
+    bench.add("gla", "fla chunk_gla", shape, make, flops=flops, force="gla=fla", backend=("gla", "fla", probe))
+    bench.add("gla", "reference (chunk 64)", shape, make, flops=flops, force="reference")
+
+
+def bench_conv(bench: Bench) -> None:
+    C, K = 2048, 4
+    numel = B * T * C
+
+    def make():
+        leaves = dict(
+            x_BTC=randn(B, T, C), weight_CK=torch.randn(C, K, device="cuda"), bias_C=torch.randn(C, device="cuda")
+        )
+        return fwd_bwd(lambda **kw: causal_conv1d(**kw), leaves)
+
+    probe = (torch.empty(1, device="cuda", dtype=BF16),)
+    moved = 5 * numel * 2  # x, y forward; x, dy, dx backward (bf16)
+    bench.add("conv", "fla causal_conv1d", f"B{B} T{T} C{C} K{K}", make, bytes_moved=moved, force="conv=fla",
+              backend=("conv", "fla", probe))
+    bench.add("conv", "reference", f"B{B} T{T} C{C} K{K}", make, bytes_moved=moved, force="reference")
+
+
+def bench_norms(bench: Bench) -> None:
+    M = B * T
+    probe32 = (torch.empty(1, device="cuda"),)
+
+    def make_plain():
+        leaves = dict(x=randn(M, 1024, dtype=torch.float32), w=torch.ones(1024, device="cuda"))
+        return fwd_bwd(lambda x, w: rms_norm(x, w, 1e-5), leaves)
+
+    moved = 5 * M * 1024 * 4  # x, y forward; x, dy, dx backward (fp32 residual stream)
+    for name in ("triton", "liger"):
+        bench.add("rms_norm", name, f"{M}x1024 fp32", make_plain, bytes_moved=moved, force=f"norm={name}",
+                  backend=("norm", name, probe32))
+    bench.add("rms_norm", "reference (eager)", f"{M}x1024 fp32", make_plain, bytes_moved=moved, force="reference")
+
+    for label, D, group, before in (("mamba gate->norm", 2048, 2048, False), ("gla norm->gate", 1024, 128, True)):
+        def make_gated(D=D, group=group, before=before):
+            leaves = dict(x=randn(M, D), z=randn(M, D), w=torch.ones(D, device="cuda"))
+            return fwd_bwd(lambda x, z, w: gated_rms_norm(x, z, w, 1e-5, group, before), leaves)
+
+        moved = 8 * M * D * 2  # x, z, y forward; x, z, dy, dx, dz backward (bf16)
+        bench.add("gated_norm", f"{label}: triton", f"{M}x{D}/{group} bf16", make_gated, bytes_moved=moved,
+                  force="gated_norm=triton", backend=("gated_norm", "triton", probe32))
+        bench.add("gated_norm", f"{label}: reference", f"{M}x{D}/{group} bf16", make_gated, bytes_moved=moved,
+                  force="reference")
+
+
+def bench_swiglu(bench: Bench) -> None:
+    M, F_ = B * T, 2816
+    moved = 8 * M * F_ * 2  # gate, up, out forward; gate, up, dout, dgate, dup backward
+
+    def make():
+        return fwd_bwd(silu_mul, dict(gate=randn(M, F_), up=randn(M, F_)))
+
+    probe = (torch.empty(1, device="cuda", dtype=BF16),)
+    bench.add("swiglu", "liger", f"{M}x{F_} bf16", make, bytes_moved=moved, force="swiglu=liger",
+              backend=("swiglu", "liger", probe))
+    bench.add("swiglu", "reference (eager)", f"{M}x{F_} bf16", make, bytes_moved=moved, force="reference")
+
+
+def bench_cross_entropy(bench: Bench) -> None:
+    N, D, V = B * T, 1024, 32000
+    flops = 6 * N * D * V
+    labels = torch.randint(0, V, (N,), device="cuda")
+
+    def leaves():
+        return dict(hidden_ND=torch.randn(N, D, device="cuda"), weight_VD=torch.randn(V, D, device="cuda") * 0.02)
+
+    def fused():
+        def fn(hidden_ND, weight_VD):
+            with torch.autocast("cuda", dtype=BF16):
+                return linear_cross_entropy(hidden_ND, weight_VD, labels)
+
+        return fwd_bwd(fn, leaves())
+
+    def full_logits():
+        def fn(hidden_ND, weight_VD):
+            with torch.autocast("cuda", dtype=BF16):
+                return F.cross_entropy(F.linear(hidden_ND, weight_VD).float(), labels)
+
+        return fwd_bwd(fn, leaves())
+
+    shape = f"N{N} D{D} V{V} fp32 params, bf16 autocast"
+    probe = (torch.empty(1, device="cuda"),)
+    bench.add("linear_ce", "liger fused", shape, fused, flops=flops, force="cross_entropy=liger",
+              backend=("cross_entropy", "liger", probe))
+    bench.add("linear_ce", "reference (chunked, fp32)", shape, fused, flops=flops, force="reference")
+    bench.add("linear_ce", "eager full logits", shape, full_logits, flops=flops)
+
+
+def bench_moe(bench: Bench) -> None:
+    E, D, F_, N = 8, 1024, 1408, 2 * B * T
+    counts_E = torch.bincount(torch.randint(0, E, (N,), device="cuda"), minlength=E)
+    flops = 3 * 3 * 2 * N * D * F_
+
+    def make():
+        leaves = dict(
+            x_sorted_ND=torch.randn(N, D, device="cuda"),
+            w1_EDF=torch.randn(E, D, F_, device="cuda") * 0.02,
+            w3_EDF=torch.randn(E, D, F_, device="cuda") * 0.02,
+            w2_EFD=torch.randn(E, F_, D, device="cuda") * 0.02,
+        )
+
+        def fn(**kw):
+            with torch.autocast("cuda", dtype=BF16):
+                return grouped_swiglu(counts_E=counts_E, **kw)
+
+        return fwd_bwd(fn, leaves)
+
+    shape = f"N{N} E{E} D{D} F{F_} bf16 autocast"
+    probe = (torch.empty(1, device="cuda"),)
+    bench.add("moe", "torch._grouped_mm", shape, make, flops=flops, force="moe=grouped_mm",
+              backend=("moe", "grouped_mm", probe))
+    bench.add("moe", "reference (loop over experts)", shape, make, flops=flops, force="reference")
+
+
+SECTIONS = {
+    "attention": bench_attention,
+    "norm": bench_norms,
+    "swiglu": bench_swiglu,
+    "cross_entropy": bench_cross_entropy,
+    "moe": bench_moe,
+    "conv": bench_conv,
+    "gla": bench_gla,
+    "ssd": bench_ssd,
+}
+
+
+def summary(bench: Bench) -> list[str]:
+    header = f"{'op':11s} {'variant':30s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'%mm':>6s} {'GiB':>6s}"
+    lines = [header + f" {'first s':>7s}  note"]
+    for r in bench.results:
+        cells = [r.ms and f"{r.ms:.3f}", r.tflops, r.gbs, r.pct_ceiling, r.peak_gib, r.first_s]
+        ms, tf, gb, pct, gib, first = ("-" if c is None else str(c) for c in cells)
+        lines.append(f"{r.op:11s} {r.variant:30s} {ms:>9s} {tf:>8s} {gb:>7s} {pct:>6s} {gib:>6s} {first:>7s}  {r.note}")
+    full, slide = bench.ms("attention", "full: sdpa (cuDNN)"), bench.ms("attention", "window 1024: flex")
+    full_flex = bench.ms("attention", "full: flex")
+    if full and slide:
+        verdict = "meets" if full / slide >= 3 else "misses"
+        lines.append(f"sliding window 1024 (flex) vs full causal at T={T}: {full / slide:.2f}x vs SDPA (cuDNN), "
+                     f"{(full_flex or float('nan')) / slide:.2f}x vs flex full; {verdict} the 3x target")
+    fla, mamba = bench.ms("ssd", "fla chunk_simple_gla"), bench.ms("ssd", "mamba_ssm chunk_scan (128)")
+    if fla and mamba:
+        faster = "fla" if fla <= mamba else "mamba_ssm"
+        lines.append(f"SSD: fla {fla:.2f} ms vs mamba_ssm {mamba:.2f} ms -> faster: {faster} "
+                     f"(FAST_BACKENDS['ssd'] lists {'fla first: keep' if faster == 'fla' else 'fla first: swap'})")
+    return lines
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=None, help=f"comma list of sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--budget-s", type=float, default=None, help="skip entries once this many seconds passed")
+    parser.add_argument("--out", default=None, help="append one JSON row per entry to this file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/kernels.py needs a CUDA device")
+    card = torch.cuda.get_device_name()
+    print(f"# {card}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    bench = Bench(args.budget_s, args.out)
+    bench_matmul(bench)
+    sections = SECTIONS if args.only is None else {k: SECTIONS[k] for k in args.only.split(",")}
+    for section in sections.values():
+        section(bench)
+    print("\n".join(summary(bench)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

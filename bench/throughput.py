@@ -1,0 +1,297 @@
+"""Training throughput of a braid config and of the HF Llama peer, on one GPU, in one process.
+
+    python bench/throughput.py --config llama-374m --seq-len 2048 --batch-size 8 --steps 20 \
+        --compile none block --peer --out runs.jsonl
+
+Every run trains `--steps` timed steps (after `--warmup` untimed ones, which include any
+compilation) on one fixed batch of random tokens: bf16 autocast over fp32 master weights,
+fused AdamW. braid computes its loss with braid.kernels.cross_entropy.linear_cross_entropy
+on `model(..., return_hidden=True)` and `model.head_weight` (no full logits), plus the MoE
+auxiliary losses; `--compile block` compiles each block (torch.compile per Block), `model`
+the whole decoder. The peer is HF transformers' LlamaForCausalLM built (no download) from a
+LlamaConfig of llama-374m's shape (vocab 32000, hidden 1024, 24 layers, 16 heads, FFN 2816),
+SDPA attention, its own loss; eager and torch.compile'd.
+
+MFU = flops_per_token * tokens/s / 989 TFLOP/s (H100/H200 SXM dense bf16 peak). braid's
+flops_per_token is braid.model.flops_per_token(cfg, seq_len) (6 per parameter-multiply plus
+the mixers' sequence work, attention counting the causal half); the peer's is
+6 * N + 6 * L * h * S with N its non-embedding parameters including the head, L layers,
+h hidden size, S sequence length (the formula of shared/device/README.md).
+
+Each run prints one line and appends one JSON row (card, date, command, tokens/s, MFU, peak
+memory, ...) to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from braid.configs import MODEL_CONFIGS
+from braid.configs.bench import BENCH_CONFIGS
+from braid.kernels.backend import current_spec, use_backends
+from braid.kernels.cross_entropy import linear_cross_entropy
+from braid.model import ModelConfig, build_model, flops_per_token, num_params
+
+PEAK_BF16_FLOPS = 989e12
+COMPILE_MODES = ("none", "block", "model")
+
+
+@dataclass
+class Run:
+    """What one timed run measured."""
+
+    name: str
+    step_seconds: list[float]
+    tokens_per_step: int
+    flops_per_token: float
+    peak_mem_gib: float | None
+    losses: list[float]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step * len(self.step_seconds) / sum(self.step_seconds)
+
+    @property
+    def mfu(self) -> float:
+        return self.flops_per_token * self.tokens_per_s / PEAK_BF16_FLOPS
+
+    def row(self, args: argparse.Namespace) -> dict:
+        return {
+            "name": self.name,
+            "card": card_name(args.device),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([sys.executable, *sys.argv]),
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "steps": len(self.step_seconds),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "mfu": round(self.mfu, 4),
+            "flops_per_token": self.flops_per_token,
+            "step_ms_median": round(1e3 * statistics.median(self.step_seconds), 2),
+            "peak_mem_gib": None if self.peak_mem_gib is None else round(self.peak_mem_gib, 2),
+            "loss_first": self.losses[0],
+            "loss_last": self.losses[-1],
+            **self.extra,
+        }
+
+
+def resolve_config(name: str, seq_len: int) -> ModelConfig:
+    """A named config (MODEL_CONFIGS or the benchmark configs) with a context of at least seq_len."""
+    configs = {**BENCH_CONFIGS, **MODEL_CONFIGS}
+    if name not in configs:
+        raise ValueError(f"unknown config {name!r}; known: {', '.join(sorted(configs))}")
+    cfg = configs[name]()
+    return cfg.replace(max_seq_len=max(cfg.max_seq_len, seq_len))
+
+
+def random_batch(vocab_size: int, batch_size: int, seq_len: int, doc_len: int, device: str, seed: int = 0):
+    """tokens_BT, labels_BT and doc ids (None when doc_len is 0: one document per row)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=gen, device=device)
+    doc_ids = None
+    if doc_len > 0:
+        starts_BT = torch.rand(batch_size, seq_len, generator=gen, device=device) < 1.0 / doc_len
+        starts_BT[:, 0] = True
+        doc_ids = starts_BT.cumsum(dim=1)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), doc_ids
+
+
+def timed_steps(step, warmup: int, steps: int, device: str) -> tuple[list[float], list[float]]:
+    """Run warmup then timed steps; returns seconds per timed step and every step's loss."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    losses = [step() for _ in range(warmup)]
+    sync()
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        losses.append(step())
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return seconds, [float(loss) for loss in losses]
+
+
+def peak_memory_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def card_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def fused_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+
+
+def apply_compile(model, mode: str):
+    if mode == "block":
+        for block in model.layers.values():
+            block.compile()
+    elif mode == "model":
+        model = torch.compile(model)
+    return model
+
+
+def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
+    cfg = resolve_config(args.config, args.seq_len)
+    decoder = build_model(cfg, device=args.device, seed=0).train()
+    optimizer = fused_adamw(decoder)
+    model = apply_compile(decoder, compile_mode)
+    tokens_BT, labels_BT, doc_ids_BT = random_batch(
+        cfg.vocab_size, args.batch_size, args.seq_len, args.doc_len, args.device
+    )
+
+    def step() -> torch.Tensor:
+        # A fresh doc ids tensor per step, as a new batch would be (no cached segments or masks).
+        doc_ids = None if doc_ids_BT is None else doc_ids_BT.clone()
+        with torch.autocast(args.device, dtype=torch.bfloat16):
+            hidden_BTD, aux = model(tokens_BT, doc_ids, return_aux=True, return_hidden=True)
+            loss = linear_cross_entropy(hidden_BTD.flatten(0, 1), decoder.head_weight, labels_BT.flatten())
+            loss = loss + sum(aux.values())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    reset_peak_memory(args.device)
+    seconds, losses = timed_steps(step, args.warmup, args.steps, args.device)
+    return Run(
+        name=f"braid {args.config} compile={compile_mode}",
+        step_seconds=seconds,
+        tokens_per_step=args.batch_size * args.seq_len,
+        flops_per_token=flops_per_token(cfg, args.seq_len),
+        peak_mem_gib=peak_memory_gib(args.device),
+        losses=losses,
+        extra={
+            "model": "braid",
+            "config": args.config,
+            "compile": compile_mode,
+            "kernels": current_spec(),
+            "doc_len": args.doc_len,
+            "params": num_params(cfg),
+        },
+    )
+
+
+def llama_peer(seq_len: int, device: str):
+    """HF LlamaForCausalLM of llama-374m's shape, float32 parameters, SDPA attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=max(2048, seq_len),
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    with torch.device(device):
+        return LlamaForCausalLM(config), config
+
+
+def run_peer(args: argparse.Namespace, compiled: bool) -> Run:
+    model, config = llama_peer(args.seq_len, args.device)
+    model.train()
+    optimizer = fused_adamw(model)
+    non_embedding = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
+    L, h, S = config.num_hidden_layers, config.hidden_size, args.seq_len
+    forward = torch.compile(model) if compiled else model
+    tokens_BT, _, _ = random_batch(config.vocab_size, args.batch_size, args.seq_len, 0, args.device)
+
+    def step() -> torch.Tensor:
+        with torch.autocast(args.device, dtype=torch.bfloat16):
+            loss = forward(input_ids=tokens_BT, labels=tokens_BT).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    reset_peak_memory(args.device)
+    seconds, losses = timed_steps(step, args.warmup, args.steps, args.device)
+    return Run(
+        name=f"HF Llama peer {'compiled' if compiled else 'eager'}",
+        step_seconds=seconds,
+        tokens_per_step=args.batch_size * args.seq_len,
+        flops_per_token=6 * non_embedding + 6 * L * h * S,
+        peak_mem_gib=peak_memory_gib(args.device),
+        losses=losses,
+        extra={"model": "hf-llama", "config": "llama-374m-peer", "compile": "model" if compiled else "none"},
+    )
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="llama-374m", help="braid model config (MODEL_CONFIGS or hybrid-374m)")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument(
+        "--compile", nargs="+", choices=COMPILE_MODES, default=["none"], help="braid runs, one per mode"
+    )
+    parser.add_argument("--braid", action=argparse.BooleanOptionalAction, default=True, help="run braid")
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="run the HF Llama peer")
+    parser.add_argument("--peer-modes", nargs="+", choices=("eager", "compiled"), default=["eager", "compiled"])
+    parser.add_argument("--doc-len", type=int, default=0, help="mean packed-document length (0: none)")
+    parser.add_argument("--kernels", default=None, help="a BRAID_KERNELS spec for the braid runs, e.g. reference")
+    parser.add_argument("--out", default=None, help="append one JSON row per run to this file")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of the script")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench/throughput.py: no CUDA device (pass --device cpu for a smoke test)")
+    jobs = []
+    if args.braid:
+        jobs += [lambda mode=mode: run_braid(args, mode) for mode in args.compile]
+    if args.peer:
+        jobs += [lambda mode=mode: run_peer(args, mode == "compiled") for mode in args.peer_modes]
+    kernels = use_backends(args.kernels) if args.kernels else contextlib.nullcontext()
+    with kernels:
+        print(f"# {card_name(args.device)}, seq {args.seq_len}, batch {args.batch_size}, kernels {current_spec()}")
+        for job in jobs:
+            started = time.time()
+            run = job()
+            row = run.row(args)
+            print(
+                f"{run.name:40s} {run.tokens_per_s / 1e3:8.1f}k tok/s  MFU {100 * run.mfu:5.1f}%  "
+                f"peak {row['peak_mem_gib']} GiB  step {row['step_ms_median']:.0f} ms  "
+                f"loss {run.losses[0]:.3f}->{run.losses[-1]:.3f}  ({time.time() - started:.0f} s with warm-up)",
+                flush=True,
+            )
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            del run
+            release_memory()
+
+
+if __name__ == "__main__":
+    main()

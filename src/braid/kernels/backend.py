@@ -1,0 +1,209 @@
+"""Which implementation runs each op: its pure-PyTorch reference or a fast GPU backend.
+
+The choice comes from BRAID_KERNELS (read once at import; `use_backends` changes it in code):
+
+    auto (default)       the first fast backend of the op's preference list (FAST_BACKENDS)
+                         that imports and supports the call, else the reference
+    reference            every op runs its reference (the CPU path and the test oracle)
+    ssd=mamba_ssm,...    per-op choices, optionally after a default for the other ops:
+                         "reference,attention=flex" or "auto,norm=liger"
+
+A fast backend is only ever used on plain CUDA tensors (not CPU tensors, not tensor
+subclasses such as DTensor) that are not float64, and only for calls it supports (each op's
+dispatcher names the backends that cannot run the call as `unsupported`); otherwise the op
+falls back to its reference.
+A forced backend that is missing or cannot run the call falls back the same way, so
+`pick` is the way to ask what will run. Inside torch.compile the element-wise ops
+(FUSED_BY_COMPILE) take their reference, which inductor fuses on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+REFERENCE = "reference"
+AUTO = "auto"
+
+# Fast backends per op, most preferred first; each maps to the braid module that wraps it.
+FAST_BACKENDS: dict[str, tuple[str, ...]] = {
+    "ssd": ("fla", "mamba_ssm"),
+    "ssd_step": ("fla",),
+    "conv": ("fla",),
+    "gla": ("fla",),
+    "gla_step": ("fla",),
+    "attention": ("sdpa", "flash_attn", "flex"),
+    "norm": ("triton", "liger"),
+    "gated_norm": ("triton",),
+    "swiglu": ("liger",),
+    "cross_entropy": ("liger",),
+    "moe": ("grouped_mm",),
+}
+BACKEND_MODULES: dict[tuple[str, str], str] = {
+    ("ssd", "fla"): "braid.kernels.ssd.fla",
+    ("ssd", "mamba_ssm"): "braid.kernels.ssd.mamba_ssm",
+    ("ssd_step", "fla"): "braid.kernels.ssd.fla",
+    ("conv", "fla"): "braid.kernels.ssd.fla",
+    ("gla", "fla"): "braid.kernels.gla.fla",
+    ("gla_step", "fla"): "braid.kernels.gla.fla",
+    ("attention", "sdpa"): "braid.kernels.attention.sdpa",
+    ("attention", "flash_attn"): "braid.kernels.attention.flash",
+    ("attention", "flex"): "braid.kernels.attention.flex",
+    ("norm", "triton"): "braid.kernels.norm.triton",
+    ("norm", "liger"): "braid.kernels.norm.liger",
+    ("gated_norm", "triton"): "braid.kernels.norm.triton",
+    ("swiglu", "liger"): "braid.kernels.swiglu.liger",
+    ("cross_entropy", "liger"): "braid.kernels.cross_entropy.liger",
+    ("moe", "grouped_mm"): "braid.kernels.moe.grouped_mm",
+}
+FUSED_BY_COMPILE = frozenset({"norm", "gated_norm", "swiglu"})
+
+_settings: dict[str, str] = {}
+_default = [AUTO]
+_probed: dict[str, str | None] = {}  # module -> None if it imports, else why not
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """("auto" | "reference", {op: backend}) from a BRAID_KERNELS string."""
+    default, per_op = AUTO, {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        if "=" not in item:
+            if item not in (AUTO, REFERENCE):
+                raise ValueError(f"BRAID_KERNELS: {item!r} is not 'auto' or 'reference' (or op=backend)")
+            default = item
+            continue
+        op, backend = (s.strip() for s in item.split("=", 1))
+        if op not in FAST_BACKENDS:
+            raise ValueError(f"BRAID_KERNELS: unknown op {op!r}; ops are {', '.join(FAST_BACKENDS)}")
+        if backend not in (AUTO, REFERENCE, *FAST_BACKENDS[op]):
+            choices = ", ".join((AUTO, REFERENCE, *FAST_BACKENDS[op]))
+            raise ValueError(f"BRAID_KERNELS: op {op!r} has no backend {backend!r}; choose one of {choices}")
+        per_op[op] = backend
+    return default, per_op
+
+
+def configure(spec: str) -> None:
+    """Set the backend choice from a BRAID_KERNELS-style string (see the module docstring)."""
+    default, per_op = parse_spec(spec)
+    _default[0] = default
+    _settings.clear()
+    _settings.update(per_op)
+
+
+def current_spec() -> str:
+    """The active choice as a BRAID_KERNELS string."""
+    return ",".join([_default[0], *(f"{op}={b}" for op, b in sorted(_settings.items()))])
+
+
+@contextlib.contextmanager
+def use_backends(spec: str) -> Iterator[None]:
+    """Run a block with another backend choice, e.g. `with use_backends("reference"):`."""
+    previous = current_spec()
+    configure(spec)
+    try:
+        yield
+    finally:
+        configure(previous)
+
+
+def _probe(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _fla_gated_backward_refused() -> str | None:
+    """fla refuses its gated chunk backward (chunk_gla, chunk_simple_gla) on Hopper with
+    Triton in [3.4.0, 3.7.1) unless tilelang is installed (fla issue #640: wrong results);
+    seen on the GPU image's Triton 3.6.0, 2026-11-27."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return None
+    try:
+        import triton
+    except ImportError:
+        return None
+    version = tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in triton.__version__.split(".")[:3])
+    if (3, 4, 0) <= version < (3, 7, 1) and importlib.util.find_spec("tilelang") is None:
+        return (
+            f"fla's gated chunk backward is refused on Hopper with Triton {triton.__version__} "
+            "(fla #640); install Triton >= 3.7.1 or tilelang"
+        )
+    return None
+
+
+# Calls whose fast backend imports but is known not to work on this machine.
+KNOWN_BROKEN = {("ssd", "fla"): _fla_gated_backward_refused, ("gla", "fla"): _fla_gated_backward_refused}
+_broken: dict[tuple[str, str], str | None] = {}
+
+
+def backend_module(op: str, backend: str):
+    """The imported braid wrapper module of a fast backend (ImportError if it cannot load)."""
+    return importlib.import_module(BACKEND_MODULES[(op, backend)])
+
+
+def available(op: str, backend: str) -> bool:
+    """Whether the fast backend imports here (probed once per module)."""
+    module = BACKEND_MODULES[(op, backend)]
+    if module not in _probed:
+        reason = _probed[module] = _probe(module)
+        # A package that is not installed is expected; one that is installed but fails is news.
+        if reason is not None and not reason.startswith("ModuleNotFoundError") and torch.cuda.is_available():
+            warnings.warn(f"braid kernels: backend {backend!r} for {op!r} is unavailable: {reason}", stacklevel=2)
+    return _probed[module] is None and _broken_reason(op, backend) is None
+
+
+def _broken_reason(op: str, backend: str) -> str | None:
+    if (op, backend) not in _broken:
+        check = KNOWN_BROKEN.get((op, backend))
+        _broken[(op, backend)] = check() if check is not None else None
+    return _broken[(op, backend)]
+
+
+def unavailable_reason(op: str, backend: str) -> str | None:
+    """Why a backend cannot run here (None if it can)."""
+    available(op, backend)
+    return _probed[BACKEND_MODULES[(op, backend)]] or _broken_reason(op, backend)
+
+
+def _plain_cuda(tensors: Iterable[Tensor | None]) -> bool:
+    """Every given tensor is a CUDA torch.Tensor or Parameter (no subclass such as DTensor), not float64."""
+    seen = False
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_cuda or t.dtype == torch.float64:
+            return False
+        seen = True
+    return seen
+
+
+def pick(op: str, *tensors: Tensor | None, unsupported: Iterable[str] = ()) -> str:
+    """The backend that runs `op` on these input tensors: a fast backend's name or "reference".
+
+    `unsupported` names fast backends that cannot run this particular call.
+    """
+    choice = _settings.get(op, _default[0])
+    if choice == REFERENCE or not _plain_cuda(tensors):
+        return REFERENCE
+    if op in FUSED_BY_COMPILE and torch.compiler.is_compiling():
+        return REFERENCE
+    excluded = set(unsupported)
+    candidates = FAST_BACKENDS[op] if choice == AUTO else (choice,)
+    for backend in candidates:
+        if backend not in excluded and available(op, backend):
+            return backend
+    return REFERENCE
+
+
+configure(os.environ.get("BRAID_KERNELS", AUTO))

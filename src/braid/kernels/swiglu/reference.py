@@ -1,0 +1,9 @@
+"""Pure-PyTorch SwiGLU activation (the CPU path and the test oracle)."""
+
+import torch
+import torch.nn.functional as F
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    dtype = torch.promote_types(gate.dtype, torch.float32)
+    return (F.silu(gate.to(dtype)) * up.to(dtype)).to(gate.dtype)

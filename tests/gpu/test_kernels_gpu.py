@@ -1,0 +1,470 @@
+"""GPU parity tests: every fast backend against its reference, outputs and gradients, float32
+and bfloat16, odd lengths (T = 1, 63, 1000), packed documents, initial and final states; and
+the whole model (tiny-hybrid) with fast kernels against BRAID_KERNELS=reference.
+
+Run on the device machine: `pytest -m gpu tests/gpu -q` (skipped without CUDA).
+
+Shapes use the head dims of the hybrid-374m benchmark (SSD H=32, P=64, N=128; GLA H=8,
+K=64, V=128) so that fla autotunes once per machine for tests and benchmarks together.
+
+Legend: B batch, T time, H heads, P head dim, G groups, N state dim, K key dim, V value dim,
+C channels, D model dim, J kv heads, E experts, F expert width.
+
+Error metric: rel(a, b) = ||a - b|| / ||b|| (Frobenius) per output and per gradient, the
+reference computed in float32 from the same (possibly bf16) inputs.
+Tolerances: FP32_TOL = 5e-3: fast kernels may run float32 matmuls in TF32 (fla does on
+Hopper; 10-bit mantissa, ~1e-3 relative per product, averaging down over sums). BF16_TOL =
+3e-2: bf16 inputs, bf16 intermediates (v = x * dt, kernel outputs) and bf16 outputs, each a
+2**-8 relative rounding. Element-wise kernels (conv, norms, SwiGLU) use EXACT_FP32 = 1e-5
+(float32 arithmetic in another order). The whole model under bf16 autocast uses
+MODEL_BF16_TOL = 5e-2: two bf16 computations of six layers, forward and backward, compound
+their per-op 2**-8 roundings differently. A masking or state bug is an O(0.1-1) error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from braid.configs import model_config
+from braid.kernels.attention import attention
+from braid.kernels.attention.reference import attention_reference
+from braid.kernels.backend import available, pick, unavailable_reason, use_backends
+from braid.kernels.cross_entropy import linear_cross_entropy
+from braid.kernels.cross_entropy.reference import linear_cross_entropy_reference
+from braid.kernels.gla import gla, gla_step
+from braid.kernels.gla.reference import gla_chunked, gla_step_reference
+from braid.kernels.moe import grouped_swiglu
+from braid.kernels.moe.reference import grouped_swiglu_reference
+from braid.kernels.norm import gated_rms_norm, rms_norm
+from braid.kernels.norm.reference import gated_rms_norm_reference, rms_norm_reference
+from braid.kernels.ssd import causal_conv1d, ssd, ssd_step
+from braid.kernels.ssd.conv import causal_conv1d_reference
+from braid.kernels.ssd.reference import ssd_chunked, ssd_step_reference
+from braid.kernels.swiglu import silu_mul
+from braid.kernels.swiglu.reference import silu_mul_reference
+from braid.model import build_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+FP32_TOL = 5e-3
+BF16_TOL = 3e-2
+EXACT_FP32 = 1e-5
+MODEL_BF16_TOL = 5e-2
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LENGTHS = (1, 63, 1000)
+# (dtype, T, packed documents, initial state): odd lengths, documents and states. Kept few,
+# float32 fewest, because every new kernel specialisation (dtype, state, varlen) compiles.
+_BF16_SEQ = [(1, False, False), (1, True, True), (63, False, True), (63, True, True),
+             (1000, False, False), (1000, True, False), (1000, True, True)]
+_FP32_SEQ = [(63, True, True), (1000, False, False)]
+SEQ_CASES = [(torch.bfloat16, *case) for case in _BF16_SEQ] + [(torch.float32, *case) for case in _FP32_SEQ]
+SEQ_IDS = [
+    f"{str(dtype)[6:]}_T{T}_{'docs' if docs else 'rows'}_{'state' if state else 'zero'}"
+    for dtype, T, docs, state in SEQ_CASES
+]
+
+
+def _tol(dtype: torch.dtype, exact_fp32: bool = False) -> float:
+    if dtype == torch.bfloat16:
+        return BF16_TOL
+    return EXACT_FP32 if exact_fp32 else FP32_TOL
+
+
+def rel(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) -> float:
+    diff = (actual.double() - expected.double()).norm()
+    return float(diff / expected.double().norm().clamp_min(floor))
+
+
+def assert_rel_close(actual, expected, tol: float, name: str, floor: float = 1e-30) -> None:
+    """rel(actual, expected) <= tol, the norm of `expected` taken as at least `floor`."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    error = rel(actual, expected, floor)
+    assert error <= tol, f"{name}: relative error {error:.2e} > {tol:.0e}"
+
+
+def doc_ids_for(B: int, T: int, seed: int = 0) -> torch.Tensor:
+    """Random contiguous documents (mean length ~T/4, some of length 1), ids unique per row."""
+    gen = torch.Generator().manual_seed(seed)
+    starts_BT = torch.rand(B, T, generator=gen) < 4.0 / max(T, 1)
+    starts_BT[:, 0] = True
+    if T > 3:
+        starts_BT[:, 2] = starts_BT[:, 3] = True  # a one-token document
+    return starts_BT.cumsum(dim=1).cuda()
+
+
+def run_with_grads(fn, leaves: dict, seed: int = 1):
+    """fn(**leaves) -> tensor or tuple; returns the outputs and d(sum(out * cotangent))/d(leaf)."""
+    leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in leaves.items() if v is not None}
+    outs = fn(**leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=gen, device="cuda")).sum() for o in outs)
+    wrt = [v for v in leaves.values() if v.requires_grad]
+    grads = torch.autograd.grad(loss, wrt)
+    names = [k for k, v in leaves.items() if v.requires_grad]
+    return [o.detach() for o in outs], dict(zip(names, grads))
+
+
+def assert_parity(fast, ref, tol: float, grad_tol: float | None = None) -> None:
+    (outs, grads), (ref_outs, ref_grads) = fast, ref
+    for i, (out, ref_out) in enumerate(zip(outs, ref_outs, strict=True)):
+        assert out.dtype == ref_out.dtype, f"output {i}: dtype {out.dtype} != {ref_out.dtype}"
+        assert_rel_close(out, ref_out, tol, f"output {i}")
+    for name, ref_grad in ref_grads.items():
+        assert_rel_close(grads[name], ref_grad, tol if grad_tol is None else grad_tol, f"grad {name}")
+
+
+def require(op: str, backend: str) -> None:
+    if not available(op, backend):
+        pytest.skip(f"{backend} for {op} is unavailable: {unavailable_reason(op, backend)}")
+
+
+# The whole model first: it exercises every fast path together (and is the one result to
+# keep if the stage's time box cuts the run short).
+
+
+def tiny_hybrid_bench_dims():
+    """tiny-hybrid with the benchmark's fla head dims (SSD P=64, N=128; GLA K=64, V=128)."""
+    cfg = model_config("tiny-hybrid")
+    return dataclasses.replace(
+        cfg,
+        mamba2=dataclasses.replace(cfg.mamba2, head_dim=64, d_state=128, n_groups=2),
+        gla=dataclasses.replace(cfg.gla, num_heads=1),
+    )
+
+
+def build_tiny_hybrid(train: bool):
+    """On CUDA, with router weights scaled up so that every top-k choice has a margin far
+    above kernel rounding: a flipped expert choice is a discrete jump no tolerance should absorb."""
+    cfg = tiny_hybrid_bench_dims()
+    model = build_model(cfg, device="cuda", seed=0).train(train)
+    with torch.no_grad():
+        for block in model.layers.values():
+            if block.spec.ffn == "moe":
+                block.ffn.router.weight.mul_(50.0)
+    return cfg, model
+
+
+def model_loss_and_grads(model, tokens_BT, doc_ids_BT, autocast: bool):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        logits_BTV, aux = model(tokens_BT, doc_ids_BT, return_aux=True)
+        loss = F.cross_entropy(logits_BTV.float()[:, :-1].flatten(0, 1), tokens_BT[:, 1:].flatten())
+        loss = loss + sum(aux.values())
+    loss.backward()
+    return logits_BTV.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("docs", [False, True], ids=["rows", "docs"])
+def test_whole_model_fast_vs_reference(autocast, docs):
+    torch.manual_seed(0)
+    cfg, model = build_tiny_hybrid(train=True)
+    B, T = 2, 300
+    tokens_BT = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+    doc_ids_BT = doc_ids_for(B, T) if docs else None
+    logits, grads = model_loss_and_grads(model, tokens_BT, doc_ids_BT, autocast)
+    with use_backends("reference"):
+        ref_logits, ref_grads = model_loss_and_grads(model, tokens_BT, doc_ids_BT, autocast)
+    tol = MODEL_BF16_TOL if autocast else FP32_TOL
+    assert_rel_close(logits, ref_logits, tol, "logits")
+    # A parameter whose gradient is (nearly) zero, e.g. an expert no token chose, is held to
+    # the scale of the whole gradient instead of its own.
+    floor = 1e-4 * torch.cat([g.flatten().double() for g in ref_grads.values()]).norm().item()
+    for name, ref_grad in ref_grads.items():
+        assert_rel_close(grads[name], ref_grad, tol, f"grad {name}", floor=floor)
+
+
+def test_whole_model_decode_matches_full_forward():
+    """Prefill then one-token steps through the fast step kernels equal the full forward."""
+    torch.manual_seed(0)
+    cfg, model = build_tiny_hybrid(train=False)
+    tokens_BT = torch.randint(0, cfg.vocab_size, (2, 40), device="cuda")
+    with torch.no_grad():
+        full_BTV = model(tokens_BT)
+        caches = model.new_caches(2, 40)
+        steps = [model(tokens_BT[:, :37], caches=caches)]
+        steps += [model(tokens_BT[:, t : t + 1], caches=caches) for t in range(37, 40)]
+    assert_rel_close(torch.cat(steps, dim=1), full_BTV, FP32_TOL, "decoded logits")
+
+
+# SSD (Mamba-2) and its conv.
+
+
+def ssd_inputs(B, T, dtype, *, H=32, P=64, G=1, N=128, with_state=False, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
+
+    return dict(
+        x_BTHP=randn(B, T, H, P),
+        dt_BTH=F.softplus(torch.randn(B, T, H, generator=gen, device="cuda") - 3.0),  # float32, as the model
+        A_H=-torch.exp(torch.rand(H, generator=gen, device="cuda") * 2.7),
+        B_BTGN=randn(B, T, G, N, scale=N**-0.5),
+        C_BTGN=randn(B, T, G, N, scale=N**-0.5),
+        D_H=torch.randn(H, generator=gen, device="cuda"),
+        initial_state_BHPN=torch.randn(B, H, P, N, generator=gen, device="cuda") if with_state else None,
+    )
+
+
+@pytest.mark.parametrize("backend", ["fla", "mamba_ssm"])
+@pytest.mark.parametrize("dtype, T, docs, with_state", SEQ_CASES, ids=SEQ_IDS)
+def test_ssd(backend, dtype, T, docs, with_state):
+    require("ssd", backend)
+    if backend == "mamba_ssm" and dtype == torch.float32:
+        pytest.skip("mamba_ssm is benchmarked in bf16; its float32 path is not used here")
+    if backend == "mamba_ssm" and docs and with_state:
+        pytest.skip("mamba_ssm does not carry an initial state with documents (the dispatcher excludes it)")
+    B = 2
+    leaves = ssd_inputs(B, T, dtype, with_state=with_state)
+    doc_ids = doc_ids_for(B, T) if docs else None
+    kwargs = dict(chunk_size=64, doc_ids_BT=doc_ids, return_final_state=True)
+    with use_backends(f"ssd={backend}"):
+        assert pick("ssd", *leaves.values()) == backend
+        fast = run_with_grads(lambda **kw: ssd(**kw, **kwargs), leaves)
+    ref = run_with_grads(lambda **kw: ssd_chunked(**kw, **kwargs), leaves)
+    assert_parity(fast, ref, _tol(dtype))
+
+
+def test_ssd_groups_with_fla():
+    require("ssd", "fla")
+    leaves = ssd_inputs(2, 200, torch.float32, H=8, G=4, with_state=True)
+    kwargs = dict(doc_ids_BT=doc_ids_for(2, 200), return_final_state=True)
+    with use_backends("ssd=fla"):
+        fast = run_with_grads(lambda **kw: ssd(**kw, **kwargs), leaves)
+    ref = run_with_grads(lambda **kw: ssd_chunked(**kw, **kwargs), leaves)
+    assert_parity(fast, ref, FP32_TOL)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_ssd_step(dtype):
+    require("ssd_step", "fla")
+    seq = ssd_inputs(3, 1, dtype, G=2, with_state=True)
+    args = (seq["x_BTHP"][:, 0], seq["dt_BTH"][:, 0], seq["A_H"], seq["B_BTGN"][:, 0], seq["C_BTGN"][:, 0])
+    state_BHPN, D_H = seq["initial_state_BHPN"], seq["D_H"]
+    with use_backends("ssd_step=fla"):
+        assert pick("ssd_step", *args, state_BHPN) == "fla"
+        y, new_state = ssd_step(*args, state_BHPN, D_H)
+    y_ref, new_state_ref = ssd_step_reference(*args, state_BHPN, D_H)
+    assert y.dtype == dtype and new_state.dtype == torch.float32
+    assert_rel_close(y, y_ref, _tol(dtype), "y")
+    assert_rel_close(new_state, new_state_ref, _tol(dtype), "state")
+
+
+@pytest.mark.parametrize("dtype, T, docs, with_state", SEQ_CASES, ids=SEQ_IDS)
+def test_causal_conv1d(dtype, T, docs, with_state):
+    require("conv", "fla")
+    B, C, K = 2, 2048, 4
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    leaves = dict(
+        x_BTC=torch.randn(B, T, C, generator=gen, device="cuda").to(dtype),
+        weight_CK=torch.randn(C, K, generator=gen, device="cuda") * 0.5,
+        bias_C=torch.randn(C, generator=gen, device="cuda"),
+        initial_state_BCK=torch.randn(B, C, K - 1, generator=gen, device="cuda").to(dtype) if with_state else None,
+    )
+    kwargs = dict(doc_ids_BT=doc_ids_for(B, T) if docs else None, activation="silu", return_final_state=True)
+    with use_backends("conv=fla"):
+        assert pick("conv", *leaves.values()) == "fla"
+        fast = run_with_grads(lambda **kw: causal_conv1d(**kw, **kwargs), leaves)
+    ref = run_with_grads(lambda **kw: causal_conv1d_reference(**kw, **kwargs), leaves)
+    assert_parity(fast, ref, _tol(dtype, exact_fp32=True))
+
+
+# GLA.
+
+
+def gla_inputs(B, T, dtype, *, H=8, K=64, V=128, with_state=False, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
+
+    return dict(
+        q_BTHK=randn(B, T, H, K),
+        k_BTHK=randn(B, T, H, K),
+        v_BTHV=randn(B, T, H, V),
+        g_BTHK=(F.logsigmoid(torch.randn(B, T, H, K, generator=gen, device="cuda") + 2.0) / 4).to(dtype),
+        initial_state_BHKV=torch.randn(B, H, K, V, generator=gen, device="cuda") if with_state else None,
+    )
+
+
+@pytest.mark.parametrize("dtype, T, docs, with_state", SEQ_CASES, ids=SEQ_IDS)
+def test_gla(dtype, T, docs, with_state):
+    require("gla", "fla")
+    B = 2
+    leaves = gla_inputs(B, T, dtype, with_state=with_state)
+    kwargs = dict(doc_ids_BT=doc_ids_for(B, T) if docs else None, return_final_state=True)
+    with use_backends("gla=fla"):
+        assert pick("gla", *leaves.values()) == "fla"
+        fast = run_with_grads(lambda **kw: gla(**kw, **kwargs), leaves)
+    ref = run_with_grads(lambda **kw: gla_chunked(**kw, **kwargs), leaves)
+    assert_parity(fast, ref, _tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_gla_step(dtype):
+    require("gla_step", "fla")
+    seq = gla_inputs(3, 1, dtype, with_state=True)
+    args = [seq[name][:, 0] for name in ("q_BTHK", "k_BTHK", "v_BTHV", "g_BTHK")]
+    with use_backends("gla_step=fla"):
+        out, state = gla_step(*args, seq["initial_state_BHKV"])
+    out_ref, state_ref = gla_step_reference(*args, seq["initial_state_BHKV"])
+    assert out.dtype == dtype and state.dtype == torch.float32
+    assert_rel_close(out, out_ref, _tol(dtype), "out")
+    assert_rel_close(state, state_ref, _tol(dtype), "state")
+
+
+# Attention.
+
+# (backend, window, documents, dtype, T). Flex compiles once per shape, window and mask
+# kind (a few seconds each): sdpa takes every length and dtype, flex the cases that matter.
+ATTENTION_CASES = [
+    *(("sdpa", None, False, dtype, T) for dtype in DTYPES.values() for T in LENGTHS),
+    ("flex", 64, False, torch.bfloat16, 1000),
+    ("flex", 64, False, torch.float32, 1000),
+    ("flex", None, True, torch.bfloat16, 1000),
+    ("flex", 64, True, torch.bfloat16, 63),
+    ("flex", 64, True, torch.bfloat16, 1),
+    ("flash_attn", 64, True, torch.bfloat16, 1000),
+    ("flash_attn", 64, False, torch.bfloat16, 63),
+]
+
+
+def _attention_id(case) -> str:
+    backend, window, docs, dtype, T = case
+    return f"{backend}_w{window}_{'docs' if docs else 'rows'}_{str(dtype)[6:]}_T{T}"
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=_attention_id)
+def test_attention(case):
+    backend, window, docs, dtype, T = case
+    require("attention", backend)
+    B, H, J, D = 2, 8, 2, 64
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    leaves = {
+        name: torch.randn(B, T, heads, D, generator=gen, device="cuda").to(dtype)
+        for name, heads in (("q_BTHD", H), ("k_BSJD", J), ("v_BSJD", J))
+    }
+    kwargs = dict(window=window, doc_ids_BT=doc_ids_for(B, T) if docs else None)
+    with use_backends(f"attention={backend}"):
+        assert pick("attention", *leaves.values()) == backend
+        fast = run_with_grads(lambda **kw: attention(**kw, **kwargs), leaves)
+    ref = run_with_grads(lambda **kw: attention_reference(**kw, **kwargs), leaves)
+    assert_parity(fast, ref, _tol(dtype))
+
+
+# Norms, SwiGLU, linear cross-entropy, MoE.
+
+NORM_CASES = {  # (D, group_size, variant)
+    "rms_residual": (1024, 1024, "plain"),
+    "mamba_gate_then_norm": (2048, 1024, "gate_then_norm"),
+    "gla_norm_then_gate": (1024, 128, "norm_then_gate"),
+    "odd_group": (960, 96, "gate_then_norm"),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "liger"])
+@pytest.mark.parametrize("case", NORM_CASES)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_norms(backend, case, dtype):
+    D, group_size, variant = NORM_CASES[case]
+    op = "norm" if variant == "plain" else "gated_norm"
+    if backend == "liger" and op == "gated_norm":
+        pytest.skip("liger has no gated RMSNorm")
+    require(op, backend)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    leaves = dict(
+        x=torch.randn(3, 1001, D, generator=gen, device="cuda").to(dtype),
+        gate=torch.randn(3, 1001, D, generator=gen, device="cuda").to(dtype) if variant != "plain" else None,
+        weight=1 + 0.1 * torch.randn(D, generator=gen, device="cuda"),
+    )
+    before = variant == "norm_then_gate"
+    if variant == "plain":
+        fast_fn = lambda x, weight: rms_norm(x, weight, 1e-5)  # noqa: E731
+        ref_fn = lambda x, weight: rms_norm_reference(x, weight, 1e-5)  # noqa: E731
+    else:
+        fast_fn = lambda x, gate, weight: gated_rms_norm(x, gate, weight, 1e-5, group_size, before)  # noqa: E731
+        ref_fn = lambda x, gate, weight: gated_rms_norm_reference(x, gate, weight, 1e-5, group_size, before)  # noqa: E731
+    with use_backends(f"{op}={backend}"):
+        assert pick(op, *leaves.values()) == backend
+        fast = run_with_grads(fast_fn, leaves)
+    ref = run_with_grads(ref_fn, leaves)
+    # The weight gradient sums 3003 rows: float32 in another order.
+    assert_parity(fast, ref, _tol(dtype, exact_fp32=True), grad_tol=_tol(dtype, exact_fp32=True) * 10)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_silu_mul(dtype):
+    require("swiglu", "liger")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    leaves = {name: torch.randn(5, 999, 2816, generator=gen, device="cuda").to(dtype) for name in ("gate", "up")}
+    with use_backends("swiglu=liger"):
+        fast = run_with_grads(silu_mul, leaves)
+    ref = run_with_grads(silu_mul_reference, leaves)
+    assert_parity(fast, ref, _tol(dtype, exact_fp32=True))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy(dtype, reduction):
+    require("cross_entropy", "liger")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    N, D, V = 4097, 1024, 32000
+    leaves = dict(
+        hidden_ND=torch.randn(N, D, generator=gen, device="cuda").to(dtype),
+        weight_VD=(torch.randn(V, D, generator=gen, device="cuda") * 0.02).to(dtype),
+    )
+    labels_N = torch.randint(0, V, (N,), generator=gen, device="cuda")
+    labels_N[::7] = -100
+    with use_backends("cross_entropy=liger"):
+        assert pick("cross_entropy", *leaves.values()) == "liger"
+        fast = run_with_grads(lambda **kw: linear_cross_entropy(**kw, labels_N=labels_N, reduction=reduction), leaves)
+    ref = run_with_grads(
+        lambda **kw: linear_cross_entropy_reference(**kw, labels_N=labels_N, reduction=reduction), leaves
+    )
+    assert_parity(fast, ref, _tol(dtype))
+
+
+def test_linear_cross_entropy_under_autocast():
+    """The trainer's case: float32 hidden and weight (master weights), bf16 autocast."""
+    require("cross_entropy", "liger")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    leaves = dict(
+        hidden_ND=torch.randn(2048, 1024, generator=gen, device="cuda"),
+        weight_VD=torch.randn(32000, 1024, generator=gen, device="cuda") * 0.02,
+    )
+    labels_N = torch.randint(0, 32000, (2048,), generator=gen, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16), use_backends("cross_entropy=liger"):
+        fast = run_with_grads(lambda **kw: linear_cross_entropy(**kw, labels_N=labels_N), leaves)
+    ref = run_with_grads(lambda **kw: linear_cross_entropy_reference(**kw, labels_N=labels_N), leaves)
+    assert_parity(fast, ref, BF16_TOL)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16_inputs", "fp32_under_autocast"])
+def test_grouped_swiglu(autocast):
+    require("moe", "grouped_mm")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("torch._grouped_mm needs sm90+ here")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    E, D, F_ = 8, 1024, 1408
+    counts_E = torch.tensor([700, 0, 3, 1200, 1, 999, 64, 129], device="cuda")
+    dtype = torch.float32 if autocast else torch.bfloat16
+    leaves = dict(
+        x_sorted_ND=torch.randn(int(counts_E.sum()), D, generator=gen, device="cuda").to(dtype),
+        w1_EDF=(torch.randn(E, D, F_, generator=gen, device="cuda") * D**-0.5).to(dtype),
+        w3_EDF=(torch.randn(E, D, F_, generator=gen, device="cuda") * D**-0.5).to(dtype),
+        w2_EFD=(torch.randn(E, F_, D, generator=gen, device="cuda") * F_**-0.5).to(dtype),
+    )
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast), use_backends("moe=grouped_mm"):
+        fast = run_with_grads(lambda **kw: grouped_swiglu(counts_E=counts_E, **kw), leaves)
+    ref = run_with_grads(lambda **kw: grouped_swiglu_reference(counts_E=counts_E, **kw), leaves)
+    assert_parity(fast, ref, BF16_TOL)
