@@ -1,4 +1,5 @@
-"""The `braid` command: train, eval, generate, plot, configs, data, demo.
+"""The `braid` command: train, eval, generate, checkpoint export, plot, configs, data, demo,
+extract, elastic.
 
 User errors (a bad config key, a missing data dir or checkpoint) print one line saying
 what to change and exit 2
@@ -21,8 +22,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
     cfg = load_config(args.config, overrides)
     summary = train(cfg)
-    print(_summary_line(summary))
+    if os.environ.get("RANK", "0") == "0":
+        print(_summary_line(summary))
+    _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Under torchrun the trainer made the default process group; end it cleanly."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _summary_line(summary: dict) -> str:
@@ -62,6 +73,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint_export(args: argparse.Namespace) -> int:
+    from braid.train.checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.ckpt, args.out)
+    print(f"wrote {out}/model.safetensors and {out}/config.yaml (`braid eval {out}`, `braid generate {out}` load it)")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from braid.train import plot_run
 
@@ -98,7 +117,7 @@ def _add_train(sub) -> None:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
-    p.add_argument("ckpt", help="a run dir (its latest checkpoint) or a checkpoint dir")
+    p.add_argument("ckpt", help="a run dir (its latest checkpoint), a checkpoint dir or an exported dir")
     p.add_argument("--data", required=True, help="prepared data dir whose val split to use")
     p.add_argument("--batches", type=int, default=20, help="val batches to average over")
     p.set_defaults(func=cmd_eval)
@@ -115,6 +134,15 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _add_checkpoint(sub) -> None:
+    p = sub.add_parser("checkpoint", help="checkpoint tools")
+    tools = p.add_subparsers(dest="tool", required=True)
+    export = tools.add_parser("export", help="consolidated safetensors + config.yaml of a checkpoint (any layout)")
+    export.add_argument("ckpt", help="a run dir (its latest checkpoint) or a checkpoint dir")
+    export.add_argument("--out", required=True, help="dir to write model.safetensors and config.yaml to")
+    export.set_defaults(func=cmd_checkpoint_export)
+
+
 def _add_small(sub) -> None:
     p = sub.add_parser("plot", help="write RUN_DIR/loss.png (train and val loss vs tokens)")
     p.add_argument("run_dir")
@@ -128,16 +156,50 @@ def _add_small(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from braid.distill.run import DistillConfig, distill, parse_stages, parse_student, parse_tokens
+
+    cfg = DistillConfig(
+        teacher=args.teacher, data=args.data, out=args.out,
+        stages=parse_stages(args.stages),
+        tokens=tuple(parse_tokens(t) for t in args.tokens.split(",")),
+        keep_attention=parse_student(args.student), seq_len=args.seq_len, batch_size=args.batch_size,
+        checkpoint_every=args.checkpoint_every, device=args.device,
+    )
+    losses = distill(cfg)
+    print("; ".join(f"stage {s}: loss {loss:.4f}" for s, loss in losses.items()) + f"; run dir {args.out}")
+    return 0
+
+
+def _add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="distill a HF Llama teacher into a Mamba-2/hybrid student (MOHAWK, resumable)")
+    p.add_argument("--teacher", required=True, help="HF Llama dir (config.json + safetensors) or a .gguf file")
+    p.add_argument("--student", default="mamba2", help="'mamba2' or 'keep=I,J' (attention layers to keep)")
+    p.add_argument("--stages", default="1,2,3", help="stages to run, e.g. 1,2,3")
+    p.add_argument("--tokens", default="80M,160M,2.76B", help="token budget per stage, e.g. 80M,160M,2.76B")
+    p.add_argument("--data", required=True, help="prepared data dir (tokenized with the teacher's tokenizer)")
+    p.add_argument("--out", default="runs/distill", help="run dir; rerun the same command to resume")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints within a stage")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_distill)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from braid.data.cli import register
+    from braid.elastic.cli import register as register_elastic
 
     parser = argparse.ArgumentParser(prog="braid", description="Pretrain hybrid language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
     _add_generate(sub)
+    _add_checkpoint(sub)
     _add_small(sub)
+    _add_distill(sub)
     register(sub)
+    register_elastic(sub)
     return parser
 
 

@@ -9,11 +9,14 @@ A checkpoint is written into `step_N.tmp`, then the COMPLETE file (JSON metadata
 written and synced, then the dir is renamed to `step_N`. Rename is atomic on POSIX, so a
 dir without the suffix is always whole; `latest_checkpoint` also requires COMPLETE.
 torch.distributed.checkpoint (DCP) runs in one process without a process group, and the
-same files load under any sharding later.
+same files load under any sharding later. Under a process group every rank writes its
+shards and rank 0 alone makes, completes and renames the dir. MatFormer weights under TP go
+through braid.parallel's checkpoint layout (contiguous shards), an identity otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -35,6 +39,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+
+from braid.parallel import from_checkpoint_layout, to_checkpoint_layout
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -127,20 +133,35 @@ def save_checkpoint(
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if _is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd, "extra": _pack({**extra, "rng": capture_rng()})}
+    state = to_checkpoint_layout({"model": model_sd, "optim": optim_sd})
+    state["extra"] = _pack({**extra, "rng": capture_rng()})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(state, checkpoint_id=tmp)
-    _write_complete(tmp, {"step": step, "time": time.time()})
-    if final.exists():  # re-saving a step after a resume: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    prune_checkpoints(run_dir, keep_last)
+    _barrier()
+    if _is_main():
+        _write_complete(tmp, {"step": step, "time": time.time()})
+        if final.exists():  # re-saving a step after a resume: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        prune_checkpoints(run_dir, keep_last)
+    _barrier()
     return final
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _write_complete(path: Path, meta: dict) -> None:
@@ -168,13 +189,14 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load model and optimizer in place, restore RNG states; returns the saved `extra`."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd, "extra": b""}
+    template = dict(zip(("model", "optim"), get_state_dict(model, optimizer)))
+    state = {**to_checkpoint_layout(template), "extra": b""}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, checkpoint_id=Path(path))
+    extra = _unpack(state.pop("extra"))
+    state = from_checkpoint_layout(state, template)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    extra = _unpack(state["extra"])
     restore_rng(extra.pop("rng"))
     return extra
 
@@ -186,3 +208,38 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, checkpoint_id=Path(path))
     set_model_state_dict(model, state["model"])
+
+
+EXPORT_WEIGHTS = "model.safetensors"
+
+
+def is_export_dir(path: str | Path) -> bool:
+    """Whether `path` was written by `export_checkpoint` (weights + config.yaml)."""
+    path = Path(path)
+    return (path / EXPORT_WEIGHTS).is_file() and (path / "config.yaml").is_file()
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
+    """Write checkpoint `path` (a run dir: its latest; or a ckpt/step_N dir, saved at any
+    layout) as one consolidated `model.safetensors` (single-process parameter names, the
+    step in its metadata) and the run's `config.yaml` with the default (one-process)
+    parallel layout, into `out_dir`. Runs in one process; returns `out_dir`."""
+    from safetensors.torch import save_model
+
+    from braid.model import build_model
+    from braid.parallel import ParallelConfig
+    from braid.train.config import load_config_file, save_config
+
+    checkpoint = resolve_checkpoint(path)
+    config_path = run_dir_of(checkpoint) / "config.yaml"
+    if not config_path.is_file():
+        raise ValueError(f"{str(config_path)!r} is missing; a run dir written by `braid train` holds it")
+    cfg = load_config_file(config_path)
+    model = build_model(cfg.model, device="cpu", seed=cfg.train.seed)
+    load_model_weights(checkpoint, model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    step = checkpoint.name.removeprefix("step_").lstrip("0") or "0"
+    save_model(model, str(out_dir / EXPORT_WEIGHTS), metadata={"step": step})
+    save_config(dataclasses.replace(cfg, parallel=ParallelConfig()), out_dir / "config.yaml")
+    return out_dir

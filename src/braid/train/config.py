@@ -19,7 +19,9 @@ from typing import Any, Union
 
 import yaml
 
+from braid.elastic.policy import ElasticConfig, build_policy
 from braid.model.config import ModelConfig
+from braid.parallel.dims import ParallelConfig
 
 
 def _require(ok: bool, message: str) -> None:
@@ -121,14 +123,15 @@ class ScheduleConfig:
 
 
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float64")
 
 
 @dataclass
 class RunConfig:
     """The loop: total optimizer steps, seed, device and compute dtype.
 
-    dtype "auto" is bfloat16 autocast on CUDA and float32 on CPU. On a shared or busy CPU,
+    dtype "auto" is bfloat16 autocast on CUDA and float32 on CPU; "float64" holds the model in
+    float64 (parity tests of parallel layouts against one process). On a shared or busy CPU,
     cpu_threads=1 avoids OpenMP threads spinning against other processes (tiny models
     gain little from more threads and can run many times slower when cores are contended).
     """
@@ -223,8 +226,11 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        build_policy(self.elastic, self.model)  # raises on granularities the model lacks
         _require(
             self.data.seq_len <= self.model.max_seq_len,
             f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "

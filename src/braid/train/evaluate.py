@@ -12,12 +12,17 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from braid.train.checkpoint import load_model_weights, resolve_checkpoint, run_dir_of
+from braid.train.checkpoint import (
+    EXPORT_WEIGHTS,
+    is_export_dir,
+    load_model_weights,
+    resolve_checkpoint,
+    run_dir_of,
+)
 from braid.train.config import DataConfig, TrainConfig, load_config_file
-from braid.train.step import IGNORE_INDEX
+from braid.train.step import IGNORE_INDEX, cross_entropy_sum
 
 
 def val_batches(data: DataConfig, num_batches: int, data_dir: str | None = None) -> list[dict[str, torch.Tensor]]:
@@ -54,11 +59,7 @@ def evaluate(
         batch = to_device(batch, device)
         with autocast or contextlib.nullcontext():
             logits_BTV = model(batch["input_ids"], batch["doc_ids"])
-        loss_sum += float(
-            F.cross_entropy(
-                logits_BTV.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-        )
+        loss_sum += float(cross_entropy_sum(logits_BTV, batch["labels"]))
         num_targets += int((batch["labels"] != IGNORE_INDEX).sum())
     model.train(was_training)
     val_loss = loss_sum / max(num_targets, 1)
@@ -74,11 +75,14 @@ class TrainedRun:
 
 
 def load_trained(path: str | Path, device: str | torch.device | None = None) -> TrainedRun:
-    """The model of a run dir (latest checkpoint) or of one checkpoint dir, in eval mode,
-    on `device` (default: CUDA when there is one, else the CPU)."""
+    """The model of a run dir (latest checkpoint), of one checkpoint dir, or of a dir written
+    by `braid checkpoint export`, in eval mode, on `device` (default: CUDA when there is one,
+    else the CPU)."""
     from braid.model import build_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if is_export_dir(path):
+        return load_export(path, device)
     checkpoint = resolve_checkpoint(path)
     config_path = run_dir_of(checkpoint) / "config.yaml"
     if not config_path.is_file():
@@ -124,3 +128,20 @@ def sample_text(
     )
     model.train(was_training)
     return tokenizer.decode(out_BT[0].tolist())
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
+    """The model of a dir written by `export_checkpoint` (consolidated safetensors), in eval mode."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    from braid.model import build_model
+
+    path = Path(path)
+    cfg = load_config_file(path / "config.yaml")
+    model = build_model(cfg.model, device=device, seed=cfg.train.seed)
+    load_model(model, path / EXPORT_WEIGHTS, device=str(device))
+    model.eval()
+    with safe_open(path / EXPORT_WEIGHTS, "pt") as f:
+        step = int(f.metadata().get("step", "0"))
+    return TrainedRun(cfg, model, path, step)

@@ -106,9 +106,12 @@ def _start_wandb(cfg: LogConfig, run_name: str, config_dict: dict):
 
 
 class ProgressBar:
-    """tqdm over optimizer steps: loss, tokens/s and MFU in the postfix; tqdm gives the ETA."""
+    """tqdm over optimizer steps: loss, tokens/s and MFU in the postfix; tqdm gives the ETA.
 
-    def __init__(self, total_steps: int, start_step: int, enabled: bool):
+    `quiet` also drops the messages of `write` (ranks other than 0 of a parallel run)."""
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool, quiet: bool = False):
+        self._quiet = quiet
         self._bar = tqdm(
             total=total_steps, initial=start_step, disable=not enabled, unit="step", dynamic_ncols=True
         )
@@ -127,7 +130,8 @@ class ProgressBar:
         )
 
     def write(self, message: str) -> None:
-        self._bar.write(message)
+        if not self._quiet:
+            self._bar.write(message)
 
     def close(self) -> None:
         self._bar.close()

@@ -21,8 +21,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from braid.elastic.policy import build_policy
 from braid.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from braid.train.config import DataConfig, RunConfig, TrainConfig, config_to_dict, load_config_file, save_config
+from braid.train.distributed import (
+    Layout,
+    barrier,
+    build_layout,
+    check_layout,
+    gather_loader_states,
+    local_device,
+    resplit_loader_state,
+)
 from braid.train.evaluate import evaluate, load_run_tokenizer, sample_text, to_device, val_batches
 from braid.train.hooks import Hook, default_hooks
 from braid.train.metrics import MetricsLogger, ProgressBar, Throughput, device_peak_flops
@@ -108,44 +118,75 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
+def build_model(cfg: TrainConfig, device: torch.device, layout: Layout | None = None) -> nn.Module:
+    """The model from the seed; under a parallel layout every rank builds the full model with
+    the same seed and `parallelize` cuts its shards, so the run starts from the
+    single-process initialisation."""
     from braid.model import build_model as build_decoder
+    from braid.parallel import parallelize
 
     model = build_decoder(cfg.model, device=device, seed=cfg.train.seed)
+    if cfg.train.dtype == "float64":
+        model = model.to(torch.float64)
+    if layout is not None and layout.parallel:
+        model = parallelize(model, layout.dims, layout.mesh)
     model.train()
     return model
 
 
-def build_loader(data: DataConfig, seed: int):
+def build_loader(data: DataConfig, seed: int, layout: Layout | None = None):
+    """This rank's loader: data-parallel rank r of n reads shard r of n (TP ranks share one)."""
     from braid.data import PackedLoader
 
+    rank, world_size = (layout.dp_rank, layout.dp_size) if layout is not None else (0, 1)
     return PackedLoader(
-        data.loader_sources(), split="train", seq_len=data.seq_len, batch_size=data.batch_size, seed=seed
+        data.loader_sources(), split="train", seq_len=data.seq_len, batch_size=data.batch_size, seed=seed,
+        rank=rank, world_size=world_size,
     )
 
 
+class _NoMetrics:
+    """The metrics sink of ranks other than 0: only rank 0 writes the run's files."""
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
-    """Owns the model, optimizer, loader, counters and sinks of one run (single process)."""
+    """Owns the model, optimizer, loader, counters and sinks of one run: one process, or one
+    rank of a torchrun launch laid out by `parallel.*` (validated before any model work)."""
 
     def __init__(self, cfg: TrainConfig, hooks: list[Hook] | None = None):
         cfg = resolve_paths(cfg)
         check_data(cfg)
+        dims = check_layout(cfg)
         self.cfg = cfg
-        self.device = build_device(cfg.train)
-        self.run_dir = prepare_run_dir(cfg)
+        self.device = local_device(build_device(cfg.train))
+        self.layout = build_layout(dims, self.device)
+        self.run_dir = prepare_run_dir(cfg) if self.layout.is_main else Path(cfg.out_dir)
+        barrier(self.layout)
         self.autocast = build_autocast(cfg.train, self.device)
         seed_everything(cfg.train.seed)
-        self.model = build_model(cfg, self.device)
+        self.model = build_model(cfg, self.device, self.layout)
+        self.policy = build_policy(cfg.elastic, cfg.model)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        self.loader = build_loader(cfg.data, cfg.train.seed)
+        self.loader = build_loader(cfg.data, cfg.train.seed, self.layout)
         self.state = TrainState()
         self.nan_guard = NanGuard(cfg.nan_guard.max_consecutive, cfg.nan_guard.max_total)
         self.resumed_from = self._resume() if cfg.checkpoint.resume else None
-        truncate_metrics(self.run_dir, self.state.step)
+        if self.layout.is_main:
+            truncate_metrics(self.run_dir, self.state.step)
         self.hooks = default_hooks(self) + list(hooks or [])
-        self.metrics = MetricsLogger(self.run_dir, cfg.log, cfg.name, config_to_dict(cfg))
-        self.throughput = Throughput(self._flops_per_token(), device_peak_flops(self.device, cfg.log.peak_flops))
-        self.progress = ProgressBar(cfg.train.steps, self.state.step, cfg.log.progress)
+        self.metrics = (
+            MetricsLogger(self.run_dir, cfg.log, cfg.name, config_to_dict(cfg)) if self.layout.is_main else _NoMetrics()
+        )
+        self.throughput = Throughput(self._flops_per_token(), self._peak_flops())
+        self.progress = ProgressBar(
+            cfg.train.steps, self.state.step, cfg.log.progress and self.layout.is_main, quiet=not self.layout.is_main
+        )
         self._init_loop_state()
 
     def _init_loop_state(self) -> None:
@@ -159,6 +200,11 @@ class Trainer:
         self.window: list[StepOutput] = []  # steps since the last metrics row
         self.stop_signal: str | None = None
         self._saved_step = self.state.step if self.resumed_from else -1
+
+    def _peak_flops(self) -> float | None:
+        """The peak of all devices of the run: the token counts are those of the global batch."""
+        peak = device_peak_flops(self.device, self.cfg.log.peak_flops)
+        return peak * self.layout.dims.world_size if peak else None
 
     def _flops_per_token(self) -> float:
         from braid.model import flops_per_token
@@ -185,10 +231,11 @@ class Trainer:
         micro_batches = [to_device(self._next_batch(), self.device) for _ in range(self.cfg.optim.grad_accum)]
         self.last = train_step(
             self.model, self.optimizer, micro_batches, self.lr_at(self.state.step),
-            self.cfg.optim.grad_clip, self.autocast,
+            self.cfg.optim.grad_clip, self.autocast, widths=self.policy.widths(self.state.step),
+            layout=self.layout,
         )
         self.state.step += 1
-        tokens = sum(b["input_ids"].numel() for b in micro_batches)
+        tokens = sum(b["input_ids"].numel() for b in micro_batches) * self.layout.dp_size
         self.state.tokens += tokens
         self.throughput.add(tokens)
         self.window.append(self.last)
@@ -236,7 +283,7 @@ class Trainer:
             "step": self.state.step,
             "tokens": self.state.tokens,
             "nan_guard": self.nan_guard.state_dict(),
-            "loader": self.loader.state_dict(),
+            "loaders": gather_loader_states(self.layout, self.loader.state_dict()),
         }
         path = save_checkpoint(
             self.run_dir, self.state.step, self.model, self.optimizer, extra, self.cfg.checkpoint.keep_last
@@ -251,7 +298,9 @@ class Trainer:
         extra = load_checkpoint(path, self.model, self.optimizer)
         self.state = TrainState(step=extra["step"], tokens=extra["tokens"])
         self.nan_guard.load_state_dict(extra["nan_guard"])
-        self.loader.load_state_dict(extra["loader"])
+        # Checkpoints before the parallel trainer hold one loader state under "loader".
+        states = extra["loaders"] if "loaders" in extra else [extra["loader"]]
+        self.loader.load_state_dict(resplit_loader_state(states, self.layout.dp_rank, self.layout.dp_size))
         return path
 
     @contextlib.contextmanager

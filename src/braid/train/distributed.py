@@ -1,0 +1,147 @@
+"""The trainer's side of the parallel layer: process groups from torchrun's environment, the
+layout of one run (mesh, data-parallel rank), and the loader re-split for a new dp size.
+
+    layout = build_layout(cfg)        # validates parallel.* against WORLD_SIZE and the model
+    layout.dp_rank, layout.dp_size    # which loader shard this rank reads
+    layout.is_main                    # rank 0: the only one that logs and writes files
+
+With WORLD_SIZE unset or 1 nothing is initialised and `layout.mesh` is None: the trainer
+runs the single-device model as before. Tensor-parallel ranks of one data-parallel group
+read the same batches.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from braid.parallel import ParallelDims
+from braid.train.config import TrainConfig
+
+
+@dataclass
+class Layout:
+    """Where this process stands in the run's parallel layout."""
+
+    dims: ParallelDims
+    mesh: DeviceMesh | None  # None: one process, no parallelism
+    rank: int = 0
+    dp_rank: int = 0
+    dp_size: int = 1
+    dp_group: dist.ProcessGroup | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.mesh is not None
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE as set by torchrun (1 when unset); ValueError if it is not a positive int."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"WORLD_SIZE={raw!r} must be a positive integer (torchrun sets it); unset it for one process")
+    return int(raw)
+
+
+def check_layout(cfg: TrainConfig) -> ParallelDims:
+    """`cfg.parallel` resolved against WORLD_SIZE and checked against the model (no device work).
+
+    The trainer drives TP, FSDP2 data parallelism and EP; pipeline stages and DeepSpeed are
+    driven by braid.parallel directly, not yet by `braid train`. Text samples during
+    training need tp=1.
+    """
+    pcfg = cfg.parallel
+    if pcfg.pp > 1:
+        raise ValueError(
+            f"parallel.pp={pcfg.pp}: the trainer does not drive pipeline parallelism yet; "
+            "set parallel.pp=1 (use tp, dp_shard, dp_replicate or ep)"
+        )
+    if pcfg.zero_engine != "fsdp2":
+        raise ValueError(
+            f"parallel.zero_engine={pcfg.zero_engine!r}: the trainer drives only fsdp2 for now; "
+            "set parallel.zero_engine=fsdp2"
+        )
+    if pcfg.tp > 1 and cfg.log.sample_every > 0:
+        raise ValueError(
+            f"log.sample_every={cfg.log.sample_every} with parallel.tp={pcfg.tp}: text samples need the whole "
+            "vocabulary on one rank; set log.sample_every=0 and sample with `braid generate` on a checkpoint"
+        )
+    return ParallelDims(pcfg, env_world_size(), cfg.model)
+
+
+def init_process_group(device: torch.device) -> None:
+    """The default process group from torchrun's env vars: gloo on CPU, nccl on CUDA.
+    No-op when WORLD_SIZE is 1 or a group already exists (e.g. a test harness made it)."""
+    if env_world_size() == 1 or dist.is_initialized():
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def local_device(device: torch.device) -> torch.device:
+    """On CUDA under torchrun, this process's card (LOCAL_RANK); otherwise `device`."""
+    if device.type != "cuda" or env_world_size() == 1:
+        return device
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def build_layout(dims: ParallelDims, device: torch.device) -> Layout:
+    """The mesh and data-parallel coordinates of this process (every rank must call it)."""
+    if dims.world_size == 1:
+        return Layout(dims, None)
+    init_process_group(device)
+    mesh = dims.build_mesh(device.type)
+    dp_mesh = dims.get_mesh("dp")
+    return Layout(
+        dims, mesh, rank=dist.get_rank(), dp_rank=dp_mesh.get_local_rank(), dp_size=dp_mesh.size(),
+        dp_group=dp_mesh.get_group(),
+    )
+
+
+def barrier(layout: Layout) -> None:
+    if layout.parallel:
+        dist.barrier()
+
+
+def gather_loader_states(layout: Layout, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every data-parallel rank's loader state, in dp-rank order, on every rank."""
+    if layout.dp_size == 1:
+        return [state]
+    states: list[Any] = [None] * layout.dp_size
+    dist.all_gather_object(states, state, group=layout.dp_group)
+    return states
+
+
+def resplit_loader_state(states: list[dict[str, Any]], dp_rank: int, dp_size: int) -> dict[str, Any]:
+    """The loader state for `dp_rank` of `dp_size` from the states saved by every old dp rank.
+
+    Same dp size: the rank's own state (exact resume). A new dp size cannot continue the old
+    per-rank epoch orders (each split the documents for its own world size), so every new
+    rank starts the epoch after the furthest one any old rank reached, at its start, with
+    the tokens taken summed (mixture proportions continue). Deterministic: the resumed run
+    reads the same batches whenever it is resumed at the same dp size; documents left
+    unread in the old ranks' current epoch are skipped, none is read twice in an epoch.
+    """
+    if len(states) == dp_size:
+        return states[dp_rank]
+    state = dict(states[0], rank=dp_rank, world_size=dp_size, tail=[])
+    state["sources"] = [
+        dict(
+            per_rank[0],
+            epoch=max(s["epoch"] for s in per_rank) + 1,
+            position=0,
+            tokens_taken=sum(s["tokens_taken"] for s in per_rank),
+        )
+        for per_rank in zip(*(s["sources"] for s in states))
+    ]
+    return state
