@@ -38,7 +38,7 @@ def build_mixer(cfg: ModelConfig, spec: LayerSpec) -> nn.Module:
 def build_ffn(cfg: ModelConfig, spec: LayerSpec) -> nn.Module:
     """The FFN of one layer, chosen by the layer's pattern symbol."""
     if spec.ffn == "mlp":
-        return SwiGLU(cfg.d_model, cfg.mlp.d_ff)
+        return SwiGLU(cfg.d_model, cfg.mlp.hidden(spec.index))
     if spec.ffn == "moe":
         return MoE(cfg.d_model, cfg.moe)
     if spec.ffn == "matformer":

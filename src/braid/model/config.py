@@ -127,12 +127,23 @@ class GLAConfig:
 
 @dataclass
 class MLPConfig:
-    """Dense SwiGLU FFN."""
+    """Dense SwiGLU FFN.
+
+    `d_ff_per_layer` (empty: every dense layer has `d_ff`) gives one hidden width per layer
+    of the stack, 0 for layers without a dense FFN; extracted MatFormer submodels use it.
+    """
 
     d_ff: int = 512
+    d_ff_per_layer: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.d_ff_per_layer = tuple(int(d) for d in self.d_ff_per_layer)  # YAML gives lists
 
     def validate(self, d_model: int) -> None:
         _require(self.d_ff > 0, f"mlp.d_ff must be positive, got {self.d_ff}")
+
+    def hidden(self, layer: int) -> int:
+        return self.d_ff_per_layer[layer] if self.d_ff_per_layer else self.d_ff
 
 
 @dataclass
@@ -256,10 +267,27 @@ class ModelConfig:
             self.gla.validate(self.d_model)
         if "mlp" in ffns:
             self.mlp.validate(self.d_model)
+        if self.mlp.d_ff_per_layer:
+            self._validate_d_ff_per_layer(layers)
         if "moe" in ffns:
             self.moe.validate(self.d_model)
         if "matformer" in ffns:
             self.matformer.validate(self.d_model)
+
+    def _validate_d_ff_per_layer(self, layers: list[LayerSpec]) -> None:
+        per_layer = self.mlp.d_ff_per_layer
+        _require(
+            len(per_layer) == len(layers),
+            f"mlp.d_ff_per_layer has {len(per_layer)} entries but the model has {len(layers)} layers; "
+            "give one width per layer (0 where the layer has no dense '-' FFN) or leave it empty",
+        )
+        for spec, d_ff in zip(layers, per_layer):
+            dense = spec.ffn == "mlp"
+            _require(
+                d_ff > 0 if dense else d_ff == 0,
+                f"mlp.d_ff_per_layer[{spec.index}]={d_ff}: layer {spec.index} ({spec.symbol!r}) needs "
+                + ("a positive width" if dense else "0 (it has no dense '-' FFN)"),
+            )
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -37,7 +37,7 @@ def _ffn_params(cfg: ModelConfig, spec: LayerSpec) -> tuple[int, int]:
     """(total parameters, parameters active per token) of a layer's FFN."""
     d = cfg.d_model
     if spec.ffn == "mlp":
-        n = 3 * d * cfg.mlp.d_ff
+        n = 3 * d * cfg.mlp.hidden(spec.index)
         return n, n
     if spec.ffn == "matformer":
         n = 3 * d * cfg.matformer.d_ff
