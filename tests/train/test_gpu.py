@@ -51,9 +51,9 @@ def memory_data(monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     monkeypatch.setattr(trainer_module, "check_data", lambda cfg: None)
-    monkeypatch.setattr(trainer_module, "build_loader", lambda data, seed: MemoryLoader())
+    monkeypatch.setattr(trainer_module, "build_loader", lambda data, seed, layout=None: MemoryLoader())
     monkeypatch.setattr(
-        trainer_module, "val_batches", lambda data, n: list(itertools.islice(iter(MemoryLoader(10_000)), n))
+        trainer_module, "val_batches", lambda data, n, **kw: list(itertools.islice(iter(MemoryLoader(10_000)), n))
     )
 
 
