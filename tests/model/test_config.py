@@ -89,7 +89,8 @@ def test_bad_configs_say_what_to_change(changes, message):
 
 def test_unused_subconfigs_are_not_validated():
     # A pure-attention model does not care about an unused Mamba-2 setting.
-    ModelConfig(pattern="A-", mamba2=Mamba2Config(n_groups=3))
+    cfg = ModelConfig(pattern="A-", mamba2=Mamba2Config(n_groups=3))
+    assert [s.mixer for s in cfg.layers] == ["attention"]
 
 
 def test_named_configs():

@@ -107,9 +107,11 @@ def test_pipeline_layouts(layout, message):
 
 
 def test_valid_pipeline_layouts_pass():
-    dims(2, pp=2, pp_cut_points=[2])  # YAML lists become tuples
-    dims(4, pp=2, pp_schedule="interleaved_1f1b", pp_stages_per_rank=2, pp_microbatches=4)
-    dims(2, pp=2, zero_engine="deepspeed", zero_stage=1)
+    cut = dims(2, pp=2, pp_cut_points=[2])
+    assert cut.cfg.pp_cut_points == (2,)  # YAML lists become tuples
+    interleaved = dims(4, pp=2, pp_schedule="interleaved_1f1b", pp_stages_per_rank=2, pp_microbatches=4)
+    assert (interleaved.num_stages, interleaved.num_microbatches, interleaved.dp_shard) == (4, 4, 2)
+    assert dims(2, pp=2, zero_engine="deepspeed", zero_stage=1).pp == 2
 
 
 @pytest.mark.parametrize(
