@@ -8,6 +8,7 @@ import torch
 
 from braid.configs import MODEL_CONFIGS, model_config
 from braid.model import ModelConfig, build_model, generate, num_params
+from tests.helpers import small_model_config
 
 # One small model per mixer kind (each with a different FFN), plus the full hybrid.
 PATTERNS = {
@@ -20,21 +21,7 @@ PATTERNS = {
 
 
 def small_cfg(pattern: str) -> ModelConfig:
-    cfg = model_config("tiny-hybrid")
-    return dataclasses.replace(
-        cfg,
-        d_model=32,
-        vocab_size=97,
-        max_seq_len=64,
-        pattern=pattern,
-        tie_embeddings=False,
-        attention=dataclasses.replace(cfg.attention, num_heads=4, num_kv_heads=2, window=8),
-        mamba2=dataclasses.replace(cfg.mamba2, head_dim=16, d_state=8, n_groups=2, chunk_size=8),
-        gla=dataclasses.replace(cfg.gla, num_heads=2, gate_low_rank=4, chunk_size=8),
-        mlp=dataclasses.replace(cfg.mlp, d_ff=48),
-        moe=dataclasses.replace(cfg.moe, num_experts=4, top_k=2, d_expert=16, d_shared=8),
-        matformer=dataclasses.replace(cfg.matformer, d_ff=64),
-    )
+    return small_model_config(pattern)
 
 
 def small_model(pattern: str, dtype=torch.float64):

@@ -36,6 +36,7 @@ from braid.parallel.pipeline import (
     stage_ids_for_rank,
 )
 from braid.parallel.testing import run_distributed
+from tests.helpers import ALL_KINDS, small_model_config
 
 SEED = 3
 STEPS = 5
@@ -49,24 +50,10 @@ DTYPE = torch.float64
 TOL64 = dict(rtol=1e-9, atol=1e-12)  # float64 rounding after 5 AdamW steps
 
 
-def small_cfg(pattern: str = "M- S8E GF A- M S6F", **changes) -> ModelConfig:
-    """tests/model/test_decoder.py's small model (every mixer and FFN kind), untied head,
-    aux-loss-free MoE balancing on so update_moe_bias runs per stage too."""
-    cfg = model_config("tiny-hybrid")
-    fields = dict(
-        d_model=32,
-        vocab_size=97,
-        max_seq_len=64,
-        pattern=pattern,
-        tie_embeddings=False,
-        attention=dataclasses.replace(cfg.attention, num_heads=4, num_kv_heads=2, window=8),
-        mamba2=dataclasses.replace(cfg.mamba2, head_dim=16, d_state=8, n_groups=2, chunk_size=8),
-        gla=dataclasses.replace(cfg.gla, num_heads=2, gate_low_rank=4, chunk_size=8),
-        mlp=dataclasses.replace(cfg.mlp, d_ff=48),
-        moe=dataclasses.replace(cfg.moe, num_experts=4, top_k=2, d_expert=16, d_shared=8, bias_balancing=True),
-        matformer=dataclasses.replace(cfg.matformer, d_ff=64),
-    )
-    return dataclasses.replace(cfg, **(fields | changes))
+def small_cfg(pattern: str = ALL_KINDS, **changes) -> ModelConfig:
+    """The shared small model with aux-loss-free MoE balancing on, so update_moe_bias runs per stage too."""
+    cfg = small_model_config(pattern)
+    return dataclasses.replace(cfg, **{"moe": dataclasses.replace(cfg.moe, bias_balancing=True), **changes})
 
 
 def make_batch(step: int, vocab_size: int, batch_size: int = 8, seq_len: int = 24) -> dict[str, torch.Tensor]:

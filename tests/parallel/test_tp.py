@@ -42,8 +42,8 @@ from braid.parallel import (
 )
 from braid.parallel.testing import run_distributed, tmp_store_dir
 from braid.parallel.tp import block_plan
+from tests.helpers import ALL_KINDS, small_model_config
 
-ALL_KINDS = "M- S8E GF A- M S6F"  # Mamba-2, sliding + MoE, GLA + MatFormer, attention, ...
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32 rounding of reordered sums, no optimizer steps
 TOL64 = dict(rtol=1e-9, atol=1e-12)  # float64 rounding after 5 AdamW steps
 DTYPE = torch.float64
@@ -51,23 +51,8 @@ STEPS, LR, BATCH, SEQ = 5, 3e-3, 4, 16
 
 
 def small_cfg(pattern: str = ALL_KINDS, **changes) -> ModelConfig:
-    """tests/model/test_decoder.py's small model, vocab 96 so that it splits over 2 or 4 ranks."""
-    cfg = model_config("tiny-hybrid")
-    cfg = dataclasses.replace(
-        cfg,
-        d_model=32,
-        vocab_size=96,
-        max_seq_len=64,
-        pattern=pattern,
-        tie_embeddings=False,
-        attention=dataclasses.replace(cfg.attention, num_heads=4, num_kv_heads=2, window=8),
-        mamba2=dataclasses.replace(cfg.mamba2, head_dim=16, d_state=8, n_groups=2, chunk_size=8),
-        gla=dataclasses.replace(cfg.gla, num_heads=2, gate_low_rank=4, chunk_size=8),
-        mlp=dataclasses.replace(cfg.mlp, d_ff=48),
-        moe=dataclasses.replace(cfg.moe, num_experts=4, top_k=2, d_expert=16, d_shared=8),
-        matformer=dataclasses.replace(cfg.matformer, d_ff=64),
-    )
-    return dataclasses.replace(cfg, **changes)
+    """The shared small model with vocab 96, so that it splits over 2 or 4 ranks."""
+    return small_model_config(pattern, **{"vocab_size": 96, **changes})
 
 
 def make_batches(cfg: ModelConfig, *, ignore: bool = False, seed: int = 0) -> list[tuple]:

@@ -1,0 +1,28 @@
+"""Shared test fixtures that are plain functions (importable by spawned test processes)."""
+
+import dataclasses
+
+from braid.configs import model_config
+from braid.model import ModelConfig
+
+ALL_KINDS = "M- S8E GF A- M S6F"  # Mamba-2, GLA, sliding and full attention; MLP, MoE, MatFormer
+
+
+def small_model_config(pattern: str = ALL_KINDS, **changes) -> ModelConfig:
+    """A few-thousand-parameter model with every sub-config shrunk to fit T ~ 16-64 tests."""
+    cfg = model_config("tiny-hybrid")
+    small = dataclasses.replace(
+        cfg,
+        d_model=32,
+        vocab_size=97,
+        max_seq_len=64,
+        pattern=pattern,
+        tie_embeddings=False,
+        attention=dataclasses.replace(cfg.attention, num_heads=4, num_kv_heads=2, window=8),
+        mamba2=dataclasses.replace(cfg.mamba2, head_dim=16, d_state=8, n_groups=2, chunk_size=8),
+        gla=dataclasses.replace(cfg.gla, num_heads=2, gate_low_rank=4, chunk_size=8),
+        mlp=dataclasses.replace(cfg.mlp, d_ff=48),
+        moe=dataclasses.replace(cfg.moe, num_experts=4, top_k=2, d_expert=16, d_shared=8),
+        matformer=dataclasses.replace(cfg.matformer, d_ff=64),
+    )
+    return dataclasses.replace(small, **changes)
