@@ -8,10 +8,12 @@
 # the whole suite stops starting stages after SUITE_S seconds (530). Logs go to $OUT/*.log,
 # JSON rows to $OUT/*.jsonl (7 files in all). Stages in order, with their limits in s:
 #
-#     tests              pytest -m gpu tests/gpu                                T_TESTS   (240)
-#     throughput_llama   llama-374m vs the HF peer (eager, compiled), seq 2048   T_LLAMA   (120)
+#     tests              pytest -m gpu tests/gpu tests/train/test_gpu.py        T_TESTS   (240)
+#     throughput_llama   llama-374m (LLAMA_COMPILE modes) vs the HF peer          T_LLAMA   (120)
+#                        (PEER_MODES), seq 2048
 #     kernels            bench/kernels.py, sections KERNELS_ONLY (all)           T_KERNELS (100)
-#     throughput_hybrid  hybrid-374m, then llama-374m, at seq 8192               T_HYBRID  (240), T_LLAMA8K (45)
+#     throughput_hybrid  hybrid-374m once per BRAID_KERNELS spec in HYBRID_KERNELS T_HYBRID (240) each,
+#                        (HYBRID_COMPILE modes), then llama-374m, at seq 8192      T_LLAMA8K (45)
 #
 # fla autotunes each kernel shape on its first call on a machine (minutes for GLA and SSD,
 # shared by the hybrid and the kernel benchmarks); the results persist in TRITON_CACHE_DIR
@@ -70,20 +72,23 @@ for name in $STAGES; do
     case "$name" in
     tests)
         stage tests "${T_TESTS:-240}" tests.log \
-            python3 -m pytest -m gpu tests/gpu -v --tb=short -rfEs -p no:cacheprovider ;;
+            python3 -m pytest -m gpu tests/gpu tests/train/test_gpu.py -v --tb=short -rfEs -p no:cacheprovider ;;
     throughput_llama)
         stage throughput_llama "${T_LLAMA:-120}" throughput.log \
             python3 bench/throughput.py --config llama-374m --seq-len 2048 --batch-size 8 --steps 10 --warmup 3 \
-            --compile none block --peer --out "$OUT/throughput.jsonl" ;;
+            --compile ${LLAMA_COMPILE:-none block} --peer --peer-modes ${PEER_MODES:-eager compiled} \
+            --out "$OUT/throughput.jsonl" ;;
     kernels)
         limit="${T_KERNELS:-100}"
         stage kernels "$limit" kernels.log \
             python3 bench/kernels.py --budget-s $(( limit * 3 / 4 )) ${KERNELS_ONLY:+--only "$KERNELS_ONLY"} \
             --out "$OUT/kernels.jsonl" ;;
     throughput_hybrid)
-        stage throughput_hybrid "${T_HYBRID:-240}" throughput.log \
-            python3 bench/throughput.py --config hybrid-374m --seq-len 8192 --batch-size 2 --steps 10 --warmup 3 \
-            --compile none --no-peer --out "$OUT/throughput.jsonl"
+        for spec in ${HYBRID_KERNELS:-auto}; do
+            stage throughput_hybrid "${T_HYBRID:-240}" throughput.log \
+                python3 bench/throughput.py --config hybrid-374m --seq-len 8192 --batch-size 2 --steps 10 --warmup 3 \
+                --compile ${HYBRID_COMPILE:-none} --no-peer --kernels "$spec" --out "$OUT/throughput.jsonl"
+        done
         stage throughput_llama8k "${T_LLAMA8K:-45}" throughput.log \
             python3 bench/throughput.py --config llama-374m --seq-len 8192 --batch-size 2 --steps 10 --warmup 3 \
             --compile none --no-peer --out "$OUT/throughput.jsonl" ;;
@@ -118,9 +123,11 @@ if kernels:
         ms = "-" if r["ms"] is None else f"{r['ms']:.3f} ms"
         print(f"  {r['op']:10s} {r['variant']:30s} {ms:>11s}  {rate:16s} {r['note'][:60]}")
     by = {(r["op"], r["variant"]): r["ms"] for r in kernels}
-    full, slide = by.get(("attention", "full: sdpa (cuDNN)")), by.get(("attention", "window 1024: flex"))
-    if full and slide:
-        print(f"  sliding 1024 (flex) vs full causal (SDPA) at T=8192: {full / slide:.2f}x (target >= 3x)")
+    full = by.get(("attention", "full: sdpa (cuDNN)"))
+    for name in ("flex", "torch flash", "flash-attn"):
+        slide = by.get(("attention", f"window 1024: {name}"))
+        if full and slide:
+            print(f"  sliding 1024 ({name}) vs full causal (SDPA) at T=8192: {full / slide:.2f}x (target >= 3x)")
     fla, mamba = by.get(("ssd", "fla chunk_simple_gla")), by.get(("ssd", "mamba_ssm chunk_scan (128)"))
     if fla and mamba:
         print(f"  SSD fla {fla:.2f} ms vs mamba_ssm {mamba:.2f} ms: faster = {'fla' if fla <= mamba else 'mamba_ssm'}")

@@ -163,6 +163,7 @@ def bench_attention(bench: Bench) -> None:
         return lambda: fwd_bwd(lambda **kw: attention(**kw, window=window, doc_ids_BT=doc_ids), leaves)
 
     probe = (torch.empty(1, device="cuda", dtype=BF16),)
+    docs = (torch.rand(B, T, device="cuda") < 1 / 1024).cumsum(dim=1)
     full, slide = attention_flops(None, H, D), attention_flops(window, H, D)
     bench.add("attention", "full: sdpa (cuDNN)", shape, make(None), flops=full, force="attention=sdpa",
               backend=("attention", "sdpa", probe))
@@ -175,8 +176,11 @@ def bench_attention(bench: Bench) -> None:
               backend=("attention", "flex", probe))
     bench.add("attention", f"window {window}: flash-attn", shape, make(window), flops=slide,
               force="attention=flash_attn", backend=("attention", "flash_attn", probe))
+    bench.add("attention", f"window {window}: torch flash", shape, make(window), flops=slide,
+              force="attention=torch_flash", backend=("attention", "torch_flash", probe))
+    bench.add("attention", f"window {window} + docs: torch flash", shape, make(window, docs), flops=slide,
+              force="attention=torch_flash", backend=("attention", "torch_flash", probe))
     bench.add("attention", f"window {window}: reference", shape, make(window), flops=slide, force="reference")
-    docs = (torch.rand(B, T, device="cuda") < 1 / 1024).cumsum(dim=1)
     bench.add("attention", f"window {window} + docs: flex", shape, make(window, docs), flops=slide,
               force="attention=flex", backend=("attention", "flex", probe))
 
@@ -363,12 +367,13 @@ def summary(bench: Bench) -> list[str]:
         cells = [r.ms and f"{r.ms:.3f}", r.tflops, r.gbs, r.pct_ceiling, r.peak_gib, r.first_s]
         ms, tf, gb, pct, gib, first = ("-" if c is None else str(c) for c in cells)
         lines.append(f"{r.op:11s} {r.variant:30s} {ms:>9s} {tf:>8s} {gb:>7s} {pct:>6s} {gib:>6s} {first:>7s}  {r.note}")
-    full, slide = bench.ms("attention", "full: sdpa (cuDNN)"), bench.ms("attention", "window 1024: flex")
-    full_flex = bench.ms("attention", "full: flex")
-    if full and slide:
-        verdict = "meets" if full / slide >= 3 else "misses"
-        lines.append(f"sliding window 1024 (flex) vs full causal at T={T}: {full / slide:.2f}x vs SDPA (cuDNN), "
-                     f"{(full_flex or float('nan')) / slide:.2f}x vs flex full; {verdict} the 3x target")
+    full, full_flex = bench.ms("attention", "full: sdpa (cuDNN)"), bench.ms("attention", "full: flex")
+    for name in ("flex", "torch flash", "flash-attn"):
+        slide = bench.ms("attention", f"window 1024: {name}")
+        if full and slide:
+            verdict = "meets" if full / slide >= 3 else "misses"
+            lines.append(f"sliding window 1024 ({name}) vs full causal at T={T}: {full / slide:.2f}x vs SDPA (cuDNN), "
+                         f"{(full_flex or float('nan')) / slide:.2f}x vs flex full; {verdict} the 3x target")
     fla, mamba = bench.ms("ssd", "fla chunk_simple_gla"), bench.ms("ssd", "mamba_ssm chunk_scan (128)")
     if fla and mamba:
         faster = "fla" if fla <= mamba else "mamba_ssm"

@@ -8,7 +8,9 @@ compilation) on one fixed batch of random tokens: bf16 autocast over fp32 master
 fused AdamW. braid computes its loss with braid.kernels.cross_entropy.linear_cross_entropy
 on `model(..., return_hidden=True)` and `model.head_weight` (no full logits), plus the MoE
 auxiliary losses; `--compile block` compiles each block (torch.compile per Block), `model`
-the whole decoder. The peer is HF transformers' LlamaForCausalLM built (no download) from a
+the whole decoder; `step` compiles the decoder, head and loss as one function (plain
+F.cross_entropy on the logits, which inductor fuses; the logits then exist, in bf16),
+`step-cg` the same with CUDA graphs (mode="reduce-overhead"). The peer is HF transformers' LlamaForCausalLM built (no download) from a
 LlamaConfig of llama-374m's shape (vocab 32000, hidden 1024, 24 layers, 16 heads, FFN 2816),
 SDPA attention, its own loss; eager and torch.compile'd.
 
@@ -43,7 +45,7 @@ from braid.kernels.cross_entropy import linear_cross_entropy
 from braid.model import ModelConfig, build_model, flops_per_token, num_params
 
 PEAK_BF16_FLOPS = 989e12
-COMPILE_MODES = ("none", "block", "model")
+COMPILE_MODES = ("none", "block", "model", "step", "step-cg")
 
 
 @dataclass
@@ -156,13 +158,25 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
         cfg.vocab_size, args.batch_size, args.seq_len, args.doc_len, args.device
     )
 
+    def fused_loss(tokens, labels, doc_ids) -> torch.Tensor:
+        hidden_BTD, aux = model(tokens, doc_ids, return_aux=True, return_hidden=True)
+        loss = linear_cross_entropy(hidden_BTD.flatten(0, 1), decoder.head_weight, labels.flatten())
+        return loss + sum(aux.values())
+
+    def plain_loss(tokens, labels, doc_ids) -> torch.Tensor:
+        hidden_BTD, aux = decoder(tokens, doc_ids, return_aux=True, return_hidden=True)
+        logits_NV = hidden_BTD.flatten(0, 1) @ decoder.head_weight.t()
+        return torch.nn.functional.cross_entropy(logits_NV.float(), labels.flatten()) + sum(aux.values())
+
+    loss_fn = fused_loss
+    if compile_mode in ("step", "step-cg"):
+        loss_fn = torch.compile(plain_loss, mode="reduce-overhead" if compile_mode == "step-cg" else None)
+
     def step() -> torch.Tensor:
         # A fresh doc ids tensor per step, as a new batch would be (no cached segments or masks).
         doc_ids = None if doc_ids_BT is None else doc_ids_BT.clone()
         with torch.autocast(args.device, dtype=torch.bfloat16):
-            hidden_BTD, aux = model(tokens_BT, doc_ids, return_aux=True, return_hidden=True)
-            loss = linear_cross_entropy(hidden_BTD.flatten(0, 1), decoder.head_weight, labels_BT.flatten())
-            loss = loss + sum(aux.values())
+            loss = loss_fn(tokens_BT, labels_BT, doc_ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -171,7 +185,7 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
     reset_peak_memory(args.device)
     seconds, losses = timed_steps(step, args.warmup, args.steps, args.device)
     return Run(
-        name=f"braid {args.config} compile={compile_mode}",
+        name=f"braid {args.config} compile={compile_mode}" + ("" if current_spec() == "auto" else f" [{current_spec()}]"),
         step_seconds=seconds,
         tokens_per_step=args.batch_size * args.seq_len,
         flops_per_token=flops_per_token(cfg, args.seq_len),

@@ -336,6 +336,10 @@ ATTENTION_CASES = [
     ("flex", 64, True, torch.bfloat16, 1),
     ("flash_attn", 64, True, torch.bfloat16, 1000),
     ("flash_attn", 64, False, torch.bfloat16, 63),
+    ("torch_flash", 64, True, torch.bfloat16, 1000),
+    ("torch_flash", 64, False, torch.bfloat16, 63),
+    ("torch_flash", None, True, torch.bfloat16, 1000),
+    ("torch_flash", 1024, False, torch.bfloat16, 1),
 ]
 
 

@@ -39,7 +39,7 @@ FAST_BACKENDS: dict[str, tuple[str, ...]] = {
     "conv": ("fla",),
     "gla": ("fla",),
     "gla_step": ("fla",),
-    "attention": ("sdpa", "flash_attn", "flex"),
+    "attention": ("sdpa", "flash_attn", "flex", "torch_flash"),
     "norm": ("triton", "liger"),
     "gated_norm": ("triton",),
     "swiglu": ("liger",),
@@ -56,6 +56,7 @@ BACKEND_MODULES: dict[tuple[str, str], str] = {
     ("attention", "sdpa"): "braid.kernels.attention.sdpa",
     ("attention", "flash_attn"): "braid.kernels.attention.flash",
     ("attention", "flex"): "braid.kernels.attention.flex",
+    ("attention", "torch_flash"): "braid.kernels.attention.torch_flash",
     ("norm", "triton"): "braid.kernels.norm.triton",
     ("norm", "liger"): "braid.kernels.norm.liger",
     ("gated_norm", "triton"): "braid.kernels.norm.triton",
@@ -124,9 +125,11 @@ def _probe(module: str) -> str | None:
 
 
 def _fla_gated_backward_refused() -> str | None:
-    """fla refuses its gated chunk backward (chunk_gla, chunk_simple_gla) on Hopper with
-    Triton in [3.4.0, 3.7.1) unless tilelang is installed (fla issue #640: wrong results);
-    seen on the GPU image's Triton 3.6.0, 2026-11-27."""
+    """fla 0.6.0 raises in `chunk_bwd_dqkwg` (fla/ops/common/chunk_o.py) when it gets a gate, on
+    Hopper with Triton in [3.4.0, 3.7.1) unless tilelang is installed (fla #640: that kernel
+    miscompiles there). chunk_simple_gla, which braid's fla SSD path calls, goes through it;
+    chunk_gla (GLA) has its own backward kernels and is not refused. Seen on the GPU image's
+    Triton 3.6.0, 2026-11-27."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         return None
     try:
@@ -136,14 +139,14 @@ def _fla_gated_backward_refused() -> str | None:
     version = tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in triton.__version__.split(".")[:3])
     if (3, 4, 0) <= version < (3, 7, 1) and importlib.util.find_spec("tilelang") is None:
         return (
-            f"fla's gated chunk backward is refused on Hopper with Triton {triton.__version__} "
-            "(fla #640); install Triton >= 3.7.1 or tilelang"
+            f"fla's gated chunk_bwd_dqkwg (chunk_simple_gla's backward) is refused on Hopper with Triton "
+            f"{triton.__version__} (fla #640); install Triton >= 3.7.1 or tilelang"
         )
     return None
 
 
 # Calls whose fast backend imports but is known not to work on this machine.
-KNOWN_BROKEN = {("ssd", "fla"): _fla_gated_backward_refused, ("gla", "fla"): _fla_gated_backward_refused}
+KNOWN_BROKEN = {("ssd", "fla"): _fla_gated_backward_refused}
 _broken: dict[tuple[str, str], str | None] = {}
 
 

@@ -4,7 +4,8 @@ Legend: B batch, T queries, S keys, H query heads, J key/value heads (H % J == 0
 
 `attention` validates its inputs and picks a backend (braid.kernels.backend). On CUDA: SDPA
 in the inputs' dtype with is_causal (cuDNN) for full causal attention; flash-attn (when it
-imports) or FlexAttention block masks for sliding windows and documents. The KV-cache path
+imports), FlexAttention block masks, or torch's built-in FlashAttention-2 (varlen, window)
+for sliding windows and documents. The KV-cache path
 (positions) and the CPU run `attention_sdpa`: SDPA in float32 with is_causal or an explicit
 boolean mask. `attention_reference` (explicit softmax) is the oracle every backend is held to.
 """
@@ -55,6 +56,11 @@ def attention(
         if backend == "flash_attn":
             module = backend_module("attention", "flash_attn")
             return module.attention_flash(q_BTHD, k_BSJD, v_BSJD, window=window, doc_ids_BT=doc_ids_BT, scale=scale)
+        if backend == "torch_flash":
+            module = backend_module("attention", "torch_flash")
+            return module.attention_torch_flash(
+                q_BTHD, k_BSJD, v_BSJD, window=window, doc_ids_BT=doc_ids_BT, scale=scale
+            )
         if backend == "flex":
             module = backend_module("attention", "flex")
             return module.attention_flex(q_BTHD, k_BSJD, v_BSJD, window=window, doc_ids_BT=doc_ids_BT, scale=scale)
@@ -71,7 +77,7 @@ def _unsupported_backends(q_BTHD: Tensor, v_BSJD: Tensor, window: int | None, do
         unsupported.append("sdpa")
     head_dim = q_BTHD.shape[-1]
     if q_BTHD.dtype not in (torch.float16, torch.bfloat16) or v_BSJD.shape[-1] != head_dim or head_dim > 256:
-        unsupported.append("flash_attn")
+        unsupported += ["flash_attn", "torch_flash"]
     return unsupported
 
 
