@@ -1,5 +1,5 @@
-"""End to end: an elastic run trains, `braid extract` writes a run `braid eval`/`generate`
-load, and `braid elastic sweep` writes its CSV and Pareto plot.
+"""End to end: an elastic run (FFN widths and nested heads) trains, `braid extract` writes a
+run `braid eval`/`generate` load, and `braid elastic sweep` writes its CSV and Pareto plot.
 
 Tolerances: the extracted run's val loss is printed to 4 decimals and must equal, to those
 decimals, the universal model evaluated at the same widths (float32, identical matmuls).
@@ -28,8 +28,8 @@ def elastic_run(data_dir, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("elastic") / "run"
     cfg = tiny_config(
-        data_dir, run_dir, "model.pattern=GF AF A-", "model.matformer.granularities=[0.25, 0.5, 1.0]",
-        "train.steps=6", "elastic.policy=sandwich", "elastic.seed=1",
+        data_dir, run_dir, "model.pattern=MF AF A-", "model.matformer.granularities=[0.25, 0.5, 1.0]",
+        "train.steps=6", "elastic.policy=sandwich", "elastic.seed=1", "elastic.heads=[0.5, 1.0]",
     )
     summary = train(cfg)
     return run_dir, summary
@@ -54,7 +54,7 @@ def test_extract_then_eval_and_generate(capsys, elastic_run, data_dir, tmp_path)
     report = json.loads((out / "extract.json").read_text())
     assert report["params_extracted"] < report["params_source"]
     assert report["bytes_extracted"] < report["bytes_source"]
-    assert report["pattern"] == "G- A-" and "parameters" in text
+    assert report["pattern"] == "M- A-" and "parameters" in text
 
     code, text, _ = run(capsys, "eval", str(out), "--data", str(data_dir), "--batches", "2")
     assert code == 0
@@ -76,6 +76,34 @@ def test_extract_user_errors_exit_2(capsys, elastic_run, tmp_path):
     assert code == 2 and "matformer.granularities" in err
     code, _, err = run(capsys, "extract", str(run_dir), "--widths-per-layer", "0.5", "--out", str(tmp_path / "y"))
     assert code == 2 and "one width per 'F' layer" in err
+    code, _, err = run(capsys, "extract", str(run_dir), "--heads", "0.3", "--out", str(tmp_path / "z"))
+    assert code == 2 and "not a whole number" in err
+
+
+def test_extract_heads_then_eval(capsys, elastic_run, data_dir, tmp_path):
+    from braid.elastic.extract import layer_heads, layer_widths
+    from braid.model import Submodel
+    from braid.train import evaluate, load_trained, val_batches
+
+    run_dir, _ = elastic_run
+    out = tmp_path / "half-heads"
+    code, _, err = run(capsys, "extract", str(run_dir), "--width", "0.5", "--heads-per-layer", "0.5,0.5,1",
+                       "--out", str(out))
+    assert code == 0, err
+    report = json.loads((out / "extract.json").read_text())
+    assert report["heads"] == [0.5, 0.5, 1.0]
+    assert report["params_extracted"] < report["params_source"]
+    extracted = load_trained(out, device="cpu")
+    assert extracted.cfg.model.attention.kv_heads_per_layer == (0, 1, 2)
+    assert extracted.cfg.model.mamba2.groups_per_layer == (1, 0, 0)
+    code, text, _ = run(capsys, "eval", str(out), "--data", str(data_dir), "--batches", "2")
+    assert code == 0
+    universal = load_trained(run_dir, device="cpu")
+    cfg = universal.cfg.model
+    submodel = Submodel(layer_widths(cfg, width=0.5), layer_heads(cfg, per_layer=[0.5, 0.5, 1.0]))
+    batches = val_batches(universal.cfg.data, 2, data_dir=str(data_dir))
+    expected = evaluate(_AtWidths(universal.model, submodel), batches, "cpu")["val_loss"]
+    assert f"loss {expected:.4f}" in text
 
 
 def test_sweep_writes_csv_and_pareto_png(capsys, elastic_run, data_dir, tmp_path):
@@ -86,7 +114,9 @@ def test_sweep_writes_csv_and_pareto_png(capsys, elastic_run, data_dir, tmp_path
     with open(tmp_path / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows[:3]] == ["uniform 0.25", "uniform 0.5", "uniform 1"]
-    assert len(rows) == 7  # 3 uniform + 2 mixes per adjacent pair of granularities
+    assert len(rows) == 10  # 3 uniform + 2 mixes per adjacent pair of granularities + 3 uniform at heads 0.5
+    assert [r["name"] for r in rows[7:]] == ["uniform 0.25 heads 0.5", "uniform 0.5 heads 0.5", "uniform 1 heads 0.5"]
+    assert int(rows[7]["params"]) < int(rows[0]["params"]) and rows[7]["heads"] == "0.5"
     params = [int(r["params"]) for r in rows[:3]]
     assert params == sorted(params) and len(set(params)) == 3
     assert any(r["pareto"] == "True" for r in rows) and "pareto:" in text

@@ -152,3 +152,93 @@ def test_d_ff_per_layer_validates_and_builds():
         cfg.replace(mlp=MLPConfig(d_ff_per_layer=(12, 4, 0)))
     with pytest.raises(ValueError, match="needs a positive width"):
         cfg.replace(mlp=MLPConfig(d_ff_per_layer=(0, 0, 0)))
+
+
+def _heads_cfg() -> ModelConfig:
+    """Two KV heads per attention layer and two B/C groups per Mamba-2 layer: heads 0.5 nests."""
+    return _cfg(
+        attention=AttentionConfig(num_heads=4, num_kv_heads=2),
+        mamba2=Mamba2Config(d_state=8, head_dim=4, n_groups=2, chunk_size=8),
+    )
+
+
+@pytest.mark.parametrize(
+    "matformer_widths, heads, per_layer",
+    [
+        ([0.5, 0.5, 0.5], 0.5, None),
+        ([1.0, 0.25, 0.5], None, [0.5, 1.0, 0.5, 1.0]),
+        ([0.25, 1.0, 1.0], None, [1.0, 0.5, 1.0, 0.5]),
+    ],
+)
+def test_extracted_heads_equal_universal_model_at_those_heads(matformer_widths, heads, per_layer):
+    from braid.elastic.extract import layer_heads
+    from braid.model import Submodel
+
+    model = _model(_heads_cfg())
+    widths = layer_widths(model.cfg, matformer_widths=matformer_widths)
+    fractions = layer_heads(model.cfg, heads, per_layer)
+    assert fractions[1] is None  # GLA: no nested heads
+    sub = extract_model(model, widths, heads=fractions)
+    tokens_BT, doc_ids_BT = _inputs()
+    with torch.no_grad():
+        expected_BTV = model(tokens_BT, doc_ids_BT, widths=Submodel(ffn=widths, heads=fractions))
+        got_BTV = sub(tokens_BT, doc_ids_BT)
+    torch.testing.assert_close(got_BTV, expected_BTV, **TOL)
+    assert num_params(sub.cfg) == sum(p.numel() for p in sub.parameters())
+    assert num_params(sub.cfg) < num_params(model.cfg)
+    kv = sub.cfg.attention.kv_heads_per_layer
+    assert kv[1] == 0 and kv[0] == 0 and sub.cfg.attention.head_dim == 4
+    assert sub.cfg.mamba2.groups_per_layer[0] == (1 if fractions[0] == 0.5 else 2)
+
+
+def test_extracted_heads_decode_like_the_universal_model():
+    from braid.elastic.extract import layer_heads
+    from braid.model import Submodel, generate
+
+    model = _model(_heads_cfg())
+    submodel = Submodel(ffn=layer_widths(model.cfg, width=0.25), heads=layer_heads(model.cfg, 0.5))
+    sub = extract_model(model, submodel.ffn, heads=submodel.heads)
+    prompt_BT = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    out_BT = generate(sub, prompt_BT, 6, temperature=0.0)
+    with torch.no_grad():
+        logits_BTV = model(out_BT[:, :-1], widths=submodel)
+    assert torch.equal(out_BT[:, 5:], logits_BTV[:, 4:].argmax(-1))
+    # The universal model decodes the same tokens through views of its full-size caches.
+    assert torch.equal(generate(model, prompt_BT, 6, temperature=0.0, widths=submodel), out_BT)
+
+
+def test_heads_with_dropped_layers_and_a_second_extraction():
+    from braid.elastic.extract import layer_heads
+
+    model = _model(_heads_cfg())
+    widths, fractions = layer_widths(model.cfg, width=0.5), layer_heads(model.cfg, 0.5)
+    sub = extract_model(model, widths, drop_layers=[1], heads=fractions)
+    assert sub.cfg.pattern == "M- S8E A- A-"
+    assert sub.cfg.attention.kv_heads_per_layer == (0, 1, 1, 1)
+    assert sub.cfg.mamba2.groups_per_layer == (1, 0, 0, 0)
+    # Extracting the extracted model again (full width and heads) keeps it unchanged.
+    again = extract_model(sub, layer_widths(sub.cfg), drop_layers=[2], heads=layer_heads(sub.cfg, 1.0))
+    assert again.cfg.attention.kv_heads_per_layer == (0, 1, 1)
+    tokens_BT, doc_ids_BT = _inputs()
+    with torch.no_grad():
+        h_BTD = model.tok_embeddings(tokens_BT)
+        for i, block in model.layers.items():
+            if int(i) not in (1, 3):  # 3: the source layer of sub's layer 2
+                h_BTD, _ = block(h_BTD, doc_ids_BT, None, widths[int(i)], fractions[int(i)])
+        expected_BTV = model._head(h_BTD, return_hidden=False)
+        torch.testing.assert_close(again(tokens_BT, doc_ids_BT), expected_BTV, **TOL)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(heads=0.3), "not a whole number"),
+        (dict(per_layer=[0.5, 0.5]), "one fraction per such layer"),
+        (dict(heads=0.5, per_layer=[0.5, 0.5, 0.5]), "at most one"),
+    ],
+)
+def test_bad_heads_raise(kwargs, message):
+    from braid.elastic.extract import layer_heads
+
+    with pytest.raises(ValueError, match=message):
+        layer_heads(_heads_cfg(), **kwargs)

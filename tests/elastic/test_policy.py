@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from braid.elastic import ElasticConfig, ElasticPolicy, build_policy
 from braid.model import ModelConfig, build_model
-from braid.model.config import MatFormerConfig
+from braid.model.config import AttentionConfig, Mamba2Config, MatFormerConfig
 from braid.train.config import apply_overrides
 from braid.train.step import train_step
 
@@ -153,3 +153,99 @@ def test_resumed_sample_run_trains_the_same_widths(data_dir, tmp_path):
     # Control: another seed samples other widths, so the same batches give other losses.
     other = train_losses(tmp_path / "other")
     assert any(abs(other[s] - full[s]) > 1e-4 for s in range(1, 7))
+
+
+HEADS = (0.5, 1.0)
+
+
+def test_all_with_heads_trains_the_cross_product():
+    from braid.model import Submodel
+
+    policy = ElasticPolicy(ElasticConfig(policy="all", granularities=(0.5, 1.0), weights=(1, 3), heads=HEADS), GRANS)
+    assert policy.widths(0) == [
+        (Submodel(0.5, 0.5), 0.125), (Submodel(0.5, 1.0), 0.125),
+        (Submodel(1.0, 0.5), 0.375), (Submodel(1.0, 1.0), 0.375),
+    ]
+
+
+def test_sandwich_with_heads_bounds_both_axes():
+    policy = ElasticPolicy(ElasticConfig(policy="sandwich", seed=1, heads=(0.25, 0.5, 1.0)), GRANS)
+    middles = set()
+    for step in range(60):
+        (largest, _), (smallest, _), (middle, _) = policy.widths(step)
+        assert (largest.ffn, largest.heads) == (1.0, 1.0) and (smallest.ffn, smallest.heads) == (0.125, 0.25)
+        middles.add((middle.ffn, middle.heads))
+    assert middles == {(0.25, 0.5), (0.5, 0.5)}
+
+
+def test_sample_with_heads_is_deterministic_and_covers_both_axes():
+    cfg = ElasticConfig(policy="sample", seed=4, heads=HEADS)
+    draws = [ElasticPolicy(cfg, GRANS).widths(s)[0][0] for s in range(400)]
+    assert [ElasticPolicy(cfg, GRANS).widths(s)[0][0] for s in range(400)] == draws
+    assert {(d.ffn, d.heads) for d in draws} == {(g, h) for g in GRANS for h in HEADS}
+    # Without heads the same seed draws the same widths as before the heads axis existed.
+    plain = ElasticPolicy(ElasticConfig(policy="sample", seed=4), GRANS)
+    assert all(isinstance(plain.widths(s)[0][0], float) for s in range(10))
+
+
+def test_heads_only_policy_for_a_model_without_matformer():
+    cfg = ModelConfig(d_model=16, vocab_size=32, pattern="A-", num_layers=2)  # 4 heads, 4 KV heads
+    policy = build_policy(ElasticConfig(policy="sandwich", heads=(0.25, 0.5, 1.0)), cfg)
+    (largest, _), (smallest, _), _ = policy.widths(0)
+    assert (largest.ffn, largest.heads, smallest.ffn, smallest.heads) == (None, 1.0, None, 0.25)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(heads=(1.0, 0.5)), "increasing"),
+        (dict(heads=(0.25, 0.5)), "ending with 1.0"),
+        (dict(heads=(0.0, 1.0)), r"in \(0, 1\]"),
+    ],
+)
+def test_bad_heads_config_raises(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ElasticConfig(policy="sample", **kwargs)
+
+
+def test_heads_that_do_not_nest_in_the_model_raise():
+    cfg = ModelConfig(d_model=16, vocab_size=32, pattern="AF", matformer=MatFormerConfig(d_ff=32),
+                      attention=AttentionConfig(num_heads=4, num_kv_heads=2))
+    with pytest.raises(ValueError, match="KV heads .* of layer 0, in elastic.heads"):
+        build_policy(ElasticConfig(policy="sample", heads=(0.25, 1.0)), cfg)
+    with pytest.raises(ValueError, match="needs attention or Mamba-2 layers"):
+        build_policy(ElasticConfig(policy="sample", heads=(0.5, 1.0)), cfg.replace(pattern="GF"))
+
+
+def test_train_step_sums_weighted_losses_of_each_submodel():
+    from braid.model import Submodel
+
+    cfg = ModelConfig(
+        d_model=16, vocab_size=32, max_seq_len=16, pattern="MF A-",
+        attention=AttentionConfig(num_heads=4, num_kv_heads=2),
+        mamba2=Mamba2Config(d_state=4, head_dim=8, n_groups=2, chunk_size=4),
+        matformer=MatFormerConfig(d_ff=32, granularities=(0.25, 0.5, 1.0)),
+    )
+    model = build_model(cfg, seed=0).double()
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(0, 32, (2, 9), generator=g),
+        "labels": torch.randint(0, 32, (2, 9), generator=g),
+        "doc_ids": torch.zeros(2, 9, dtype=torch.long),
+    }
+    widths = [(Submodel(1.0, 1.0), 0.5), (Submodel(0.25, 0.5), 0.5)]
+    optimizer = _GradRecorder(list(model.named_parameters()))
+    out = train_step(model, optimizer, [batch], 0.0, 0.0, contextlib.nullcontext(), widths=widths)
+    expected = sum(
+        w * F.cross_entropy(
+            reference(batch["input_ids"], batch["doc_ids"], widths=sub).flatten(0, 1), batch["labels"].flatten()
+        )
+        for sub, w in widths
+    )
+    expected.backward()
+    assert out.ce == pytest.approx(expected.item(), rel=1e-12)
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(optimizer.grads[name], param.grad, rtol=1e-12, atol=1e-12)
+    # KV head 1's rows get gradient from the full-heads submodel only, and do get it.
+    assert optimizer.grads["layers.1.mixer.wk.weight"][4:].abs().sum() > 0

@@ -1,8 +1,10 @@
 """The Pareto sweep: validation loss of uniform and Mix'n'Match submodels vs their size.
 
 Each candidate is extracted (braid.elastic.extract) and evaluated on the same val batches;
-sweep.csv lists (name, widths, params, val_loss) and pareto.png plots every candidate with
-the Pareto front (no other candidate is both smaller and better) drawn through it.
+sweep.csv lists (name, widths, heads, params, val_loss) and pareto.png plots every candidate
+with the Pareto front (no other candidate is both smaller and better) drawn through it.
+With nested heads fractions (the run's elastic.heads, or --heads), every uniform width is
+also evaluated at every fraction below 1 (uniform over the attention and Mamba-2 layers).
 """
 
 from __future__ import annotations
@@ -15,20 +17,25 @@ import torch
 from braid.model.config import ModelConfig
 
 
-def candidate_mixes(cfg: ModelConfig) -> list[tuple[str, list[float]]]:
-    """(name, one width per MatFormer layer): every uniform width, then for each pair of
-    adjacent granularities the two half-and-half mixes (small first, large first)."""
-    grans = tuple(cfg.matformer.granularities)
+def candidate_mixes(cfg: ModelConfig, heads: tuple[float, ...] = ()) -> list[tuple[str, list[float], float]]:
+    """(name, one width per MatFormer layer, heads fraction): every uniform width, then for
+    each pair of adjacent granularities the two half-and-half mixes (small first, large
+    first), all with every head; then every uniform width at each heads fraction below 1."""
     num_matformer = sum(spec.ffn == "matformer" for spec in cfg.layers)
-    if num_matformer == 0:
-        raise ValueError(f"model pattern {cfg.pattern!r} has no MatFormer ('F') layers to sweep")
-    mixes = [(f"uniform {g:g}", [g] * num_matformer) for g in grans]
+    reduced_heads = [h for h in heads if h < 1.0]
+    if num_matformer == 0 and not reduced_heads:
+        raise ValueError(
+            f"model pattern {cfg.pattern!r} has no MatFormer ('F') layers and no heads fractions below 1 to sweep"
+        )
+    grans = tuple(cfg.matformer.granularities) if num_matformer else (1.0,)
+    mixes = [(f"uniform {g:g}", [g] * num_matformer, 1.0) for g in grans]
     half = num_matformer // 2
-    if half == 0:
-        return mixes
-    for small, large in zip(grans, grans[1:]):
-        mixes.append((f"{small:g} then {large:g}", [small] * half + [large] * (num_matformer - half)))
-        mixes.append((f"{large:g} then {small:g}", [large] * half + [small] * (num_matformer - half)))
+    if half:
+        for small, large in zip(grans, grans[1:]):
+            mixes.append((f"{small:g} then {large:g}", [small] * half + [large] * (num_matformer - half), 1.0))
+            mixes.append((f"{large:g} then {small:g}", [large] * half + [small] * (num_matformer - half), 1.0))
+    for h in reduced_heads:
+        mixes.extend((f"uniform {g:g} heads {h:g}", [g] * num_matformer, h) for g in grans)
     return mixes
 
 
@@ -42,9 +49,18 @@ def pareto_front(rows: list[dict]) -> list[dict]:
     return front
 
 
-def sweep(ckpt: str | Path, data_dir: str, out_dir: str | Path | None = None, batches: int = 8) -> dict:
-    """Evaluate every candidate mix of a run on `data_dir`'s val split; writes CSV and PNG."""
-    from braid.elastic.extract import extract_model, layer_widths
+def sweep(
+    ckpt: str | Path,
+    data_dir: str,
+    out_dir: str | Path | None = None,
+    batches: int = 8,
+    heads: tuple[float, ...] | None = None,
+) -> dict:
+    """Evaluate every candidate mix of a run on `data_dir`'s val split; writes CSV and PNG.
+
+    heads: nested-heads fractions to sweep (None: the run's elastic.heads).
+    """
+    from braid.elastic.extract import extract_model, layer_heads, layer_widths
     from braid.model import num_params
     from braid.train import evaluate, load_trained, val_batches
     from braid.train.checkpoint import run_dir_of
@@ -54,12 +70,17 @@ def sweep(ckpt: str | Path, data_dir: str, out_dir: str | Path | None = None, ba
     out_dir.mkdir(parents=True, exist_ok=True)
     val = val_batches(run.cfg.data, batches, data_dir=data_dir)
     rows = []
-    for name, matformer_widths in candidate_mixes(run.cfg.model):
-        submodel = extract_model(run.model, layer_widths(run.cfg.model, matformer_widths=matformer_widths))
+    model_cfg = run.cfg.model
+    heads = tuple(run.cfg.elastic.heads if heads is None else heads)
+    for name, matformer_widths, fraction in candidate_mixes(model_cfg, heads):
+        widths = layer_widths(model_cfg, matformer_widths=matformer_widths)
+        fractions = layer_heads(model_cfg, fraction) if fraction < 1.0 else None
+        submodel = extract_model(run.model, widths, heads=fractions)
         result = evaluate(submodel, val, torch.device("cpu"))
         rows.append({
             "name": name,
             "widths": " ".join(f"{w:g}" for w in matformer_widths),
+            "heads": f"{fraction:g}",
             "params": num_params(submodel.cfg),
             "val_loss": result["val_loss"],
         })

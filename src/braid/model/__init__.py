@@ -13,7 +13,7 @@ from braid.model.config import (
     ModelConfig,
     MoEConfig,
 )
-from braid.model.decoder import Decoder
+from braid.model.decoder import Decoder, Submodel
 from braid.model.flops import flops_by_kind, flops_per_token, layer_flops, num_params
 from braid.model.generate import generate
 from braid.model.init import init_weights
@@ -49,6 +49,7 @@ __all__ = [
     "MatFormerConfig",
     "ModelConfig",
     "MoEConfig",
+    "Submodel",
     "build_model",
     "flops_by_kind",
     "flops_per_token",

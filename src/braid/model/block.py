@@ -24,14 +24,15 @@ from braid.model.pattern import LayerSpec
 def build_mixer(cfg: ModelConfig, spec: LayerSpec) -> nn.Module:
     """The token mixer of one layer, chosen by the layer's pattern symbol."""
     if spec.mixer == "mamba2":
-        return Mamba2(cfg.d_model, cfg.mamba2, norm_eps=cfg.norm_eps)
+        return Mamba2(cfg.d_model, cfg.mamba2, norm_eps=cfg.norm_eps, n_groups=cfg.mamba2.layer_groups(spec.index))
     if spec.mixer == "gla":
         return GatedLinearAttention(cfg.d_model, cfg.gla, norm_eps=cfg.norm_eps)
     if spec.mixer in ("attention", "sliding"):
         window = None
         if spec.mixer == "sliding":
             window = spec.window if spec.window is not None else cfg.attention.window
-        return Attention(cfg.d_model, cfg.attention, window=window, norm_eps=cfg.norm_eps)
+        _, num_kv_heads = cfg.attention.layer_heads(spec.index)
+        return Attention(cfg.d_model, cfg.attention, window=window, norm_eps=cfg.norm_eps, num_kv_heads=num_kv_heads)
     raise ValueError(f"layer {spec.index}: no mixer is registered for kind {spec.mixer!r}")
 
 
@@ -46,8 +47,14 @@ def build_ffn(cfg: ModelConfig, spec: LayerSpec) -> nn.Module:
     raise ValueError(f"layer {spec.index}: no FFN is registered for kind {spec.ffn!r}")
 
 
+NESTED_HEAD_MIXERS = ("attention", "sliding", "mamba2")  # mixers whose forward takes heads=
+
+
 class Block(nn.Module):
     """x + mixer(norm(x)), then x + ffn(norm(x)); either sublayer may be absent.
+
+    `width` is the MatFormer FFN width and `heads` the nested-heads fraction of the mixer
+    (attention: KV heads, Mamba-2: B/C groups); other layer kinds ignore them.
 
     With LayerNorm Scaling ("The Curse of Depth") each norm's output is scaled by
     1/sqrt(layer depth), depth counted from 1.
@@ -70,10 +77,13 @@ class Block(nn.Module):
         doc_ids_BT: torch.Tensor | None = None,
         cache=None,
         width: float | None = None,
+        heads: float | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         aux: dict[str, torch.Tensor] = {}
         if self.spec.mixer is not None:
-            x_BTD = x_BTD + self.mixer(self.mixer_norm(x_BTD), doc_ids_BT, cache)
+            # heads by keyword: the TP plans prepare exactly the (x, doc_ids, cache) positionals.
+            extra = {"heads": heads} if self.spec.mixer in NESTED_HEAD_MIXERS else {}
+            x_BTD = x_BTD + self.mixer(self.mixer_norm(x_BTD), doc_ids_BT, cache, **extra)
         if self.spec.ffn is not None:
             h_BTD = self.ffn_norm(x_BTD)
             if self.spec.ffn == "matformer":

@@ -17,6 +17,20 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def nested_count(fraction: float, total: int, what: str) -> int:
+    """How many of `total` nested units (KV heads, B/C groups) a head fraction keeps.
+
+    The fraction must keep a whole, non-empty prefix: fraction * total a positive integer.
+    """
+    kept = fraction * total
+    _require(
+        0 < fraction <= 1 and abs(kept - round(kept)) < 1e-9 and round(kept) >= 1,
+        f"heads fraction {fraction} of {total} {what} is not a whole number of them; "
+        f"use a multiple of 1/{total} in (0, 1]",
+    )
+    return int(round(kept))
+
+
 @dataclass
 class AttentionConfig:
     """Causal softmax attention with GQA and RoPE; full or sliding window per layer."""
@@ -26,6 +40,17 @@ class AttentionConfig:
     head_dim: int | None = None  # default: d_model // num_heads
     rope_theta: float = 10_000.0
     window: int = 512  # default window of sliding-window layers ('S' without digits)
+    # Extracted submodels: KV heads per layer (0 for layers without attention); each keeps
+    # num_heads / num_kv_heads query heads per KV head. Empty: num_kv_heads everywhere.
+    kv_heads_per_layer: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.kv_heads_per_layer = tuple(int(j) for j in self.kv_heads_per_layer)  # YAML gives lists
+
+    def layer_heads(self, layer: int) -> tuple[int, int]:
+        """(query heads, KV heads) of layer `layer`."""
+        num_kv = self.kv_heads_per_layer[layer] if self.kv_heads_per_layer else self.num_kv_heads
+        return num_kv * (self.num_heads // self.num_kv_heads), num_kv
 
     def validate(self, d_model: int) -> None:
         _require(self.num_heads > 0, f"attention.num_heads must be positive, got {self.num_heads}")
@@ -61,15 +86,28 @@ class Mamba2Config:
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
     A_init_range: tuple[float, float] = (1.0, 16.0)
+    # Extracted submodels: B/C groups per layer (0 for layers without Mamba-2), each with its
+    # num_heads / n_groups heads, so d_inner shrinks with them. Empty: n_groups everywhere.
+    groups_per_layer: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.A_init_range = tuple(self.A_init_range)  # YAML gives lists
+        self.groups_per_layer = tuple(int(g) for g in self.groups_per_layer)
 
     def d_inner(self, d_model: int) -> int:
         return self.expand * d_model
 
     def num_heads(self, d_model: int) -> int:
         return self.d_inner(d_model) // self.head_dim
+
+    def layer_groups(self, layer: int) -> int:
+        return self.groups_per_layer[layer] if self.groups_per_layer else self.n_groups
+
+    def layer_num_heads(self, d_model: int, layer: int) -> int:
+        return self.layer_groups(layer) * (self.num_heads(d_model) // self.n_groups)
+
+    def layer_d_inner(self, d_model: int, layer: int) -> int:
+        return self.layer_num_heads(d_model, layer) * self.head_dim
 
     def validate(self, d_model: int) -> None:
         d_inner = self.d_inner(d_model)
@@ -269,6 +307,14 @@ class ModelConfig:
             self.mlp.validate(self.d_model)
         if self.mlp.d_ff_per_layer:
             self._validate_d_ff_per_layer(layers)
+        _validate_per_layer(
+            self.attention.kv_heads_per_layer, "attention.kv_heads_per_layer", layers,
+            lambda spec: spec.mixer in ("attention", "sliding"), "an attention mixer",
+        )
+        _validate_per_layer(
+            self.mamba2.groups_per_layer, "mamba2.groups_per_layer", layers,
+            lambda spec: spec.mixer == "mamba2", "a Mamba-2 mixer",
+        )
         if "moe" in ffns:
             self.moe.validate(self.d_model)
         if "matformer" in ffns:
@@ -293,6 +339,23 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _validate_per_layer(counts: tuple[int, ...], name: str, layers: list[LayerSpec], has, kind: str) -> None:
+    """A per-layer count: one entry per layer, positive where the layer has `kind`, else 0."""
+    if not counts:
+        return
+    _require(
+        len(counts) == len(layers),
+        f"{name} has {len(counts)} entries but the model has {len(layers)} layers; "
+        f"give one count per layer (0 where the layer has no {kind}) or leave it empty",
+    )
+    for spec, count in zip(layers, counts):
+        _require(
+            count > 0 if has(spec) else count == 0,
+            f"{name}[{spec.index}]={count}: layer {spec.index} ({spec.symbol!r}) needs "
+            + ("a positive count" if has(spec) else f"0 (it has no {kind})"),
+        )
+
+
 SUBCONFIGS = {
     "attention": AttentionConfig,
     "mamba2": Mamba2Config,
@@ -313,4 +376,5 @@ __all__ = [
     "ModelConfig",
     "MoEConfig",
     "SUBCONFIGS",
+    "nested_count",
 ]

@@ -8,6 +8,7 @@ V vocab.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,6 +18,20 @@ from braid.model.config import ModelConfig
 from braid.model.norm import RMSNorm
 
 Widths = float | Sequence[float | None] | dict[int, float] | None
+
+
+@dataclass(frozen=True)
+class Submodel:
+    """An elastic submodel on two nested axes, each for every layer (a float), per layer (a
+    sequence of num_layers entries or a dict layer index -> value) or None (full).
+
+    ffn: MatFormer FFN width (one of matformer.granularities) of the 'F' layers.
+    heads: fraction of the nested heads of attention (KV heads with their query heads) and
+        Mamba-2 (B/C groups with their heads) layers; a multiple of 1 / the layer's count.
+    """
+
+    ffn: Widths = None
+    heads: Widths = None
 
 
 class Decoder(nn.Module):
@@ -48,7 +63,7 @@ class Decoder(nn.Module):
         tokens_BT: torch.Tensor,
         doc_ids_BT: torch.Tensor | None = None,
         *,
-        widths: Widths = None,
+        widths: Widths | Submodel = None,
         caches: list | None = None,
         return_aux: bool = False,
         return_hidden: bool = False,
@@ -59,7 +74,8 @@ class Decoder(nn.Module):
         doc_ids_BT: document id per token for packed sequences (no state or attention
             crosses a document boundary).
         widths: MatFormer width for every layer (a float), per layer (a sequence of
-            num_layers entries or a dict layer index -> width); None is full width.
+            num_layers entries or a dict layer index -> width); None is full width. A
+            `Submodel` gives the FFN widths and the nested-heads fractions together.
         caches: from `new_caches`, for incremental decoding; updated in place.
         return_hidden: return the final-normed hidden states (B, T, D) instead of logits.
         """
@@ -67,10 +83,11 @@ class Decoder(nn.Module):
             raise ValueError("doc_ids cannot be combined with an inference cache: decode one document per row")
         h_BTD = self.tok_embeddings(tokens_BT) if self.tok_embeddings is not None else tokens_BT
         aux_totals: dict[str, torch.Tensor] = {}
+        ffn, heads = (widths.ffn, widths.heads) if isinstance(widths, Submodel) else (widths, None)
         for key, block in self.layers.items():
             i = int(key)
             cache = caches[i] if caches is not None else None
-            h_BTD, aux = block(h_BTD, doc_ids_BT, cache, self._width(widths, i))
+            h_BTD, aux = block(h_BTD, doc_ids_BT, cache, self._width(ffn, i), self._width(heads, i, "heads"))
             for name, value in aux.items():
                 aux_totals[name] = aux_totals.get(name, 0.0) + value
         out = self._head(h_BTD, return_hidden)
@@ -94,15 +111,19 @@ class Decoder(nn.Module):
         coef = {"load_balance": self.cfg.moe.load_balance_coef, "z_loss": self.cfg.moe.z_loss_coef}
         return {f"moe_{name}": coef[name] * value for name, value in totals.items()}
 
-    def _width(self, widths: Widths, layer: int) -> float | None:
+    def _width(self, widths: Widths, layer: int, name: str = "widths") -> float | None:
         if widths is None or isinstance(widths, (int, float)):
             return widths
         if isinstance(widths, dict):
             return widths.get(layer)
         if len(widths) != len(self.cfg.layers):
+            hint = {
+                "widths": "one width per layer (None where the layer has no MatFormer FFN)",
+                "heads": "one fraction per layer (None where the layer has no nested heads)",
+            }[name]
             raise ValueError(
-                f"widths has {len(widths)} entries but the model has {len(self.cfg.layers)} layers; "
-                "give one width per layer (None where the layer has no MatFormer FFN) or a single float"
+                f"{name} has {len(widths)} entries but the model has {len(self.cfg.layers)} layers; "
+                f"give {hint} or a single float"
             )
         return widths[layer]
 

@@ -18,10 +18,12 @@ def _mixer_params(cfg: ModelConfig, spec: LayerSpec) -> tuple[int, int]:
     if spec.mixer in ("attention", "sliding"):
         a = cfg.attention
         hd = a.resolved_head_dim(d)
-        return d * hd * (2 * a.num_heads + 2 * a.num_kv_heads), 0
+        num_heads, num_kv_heads = a.layer_heads(spec.index)
+        return d * hd * (2 * num_heads + 2 * num_kv_heads), 0
     if spec.mixer == "mamba2":
         m = cfg.mamba2
-        d_inner, heads, gn = m.d_inner(d), m.num_heads(d), m.n_groups * m.d_state
+        d_inner, heads = m.layer_d_inner(d, spec.index), m.layer_num_heads(d, spec.index)
+        gn = m.layer_groups(spec.index) * m.d_state
         matmul = d * (2 * d_inner + 2 * gn + heads) + d_inner * d
         conv = (d_inner + 2 * gn) * (m.d_conv + 1)
         return matmul, conv + 3 * heads + d_inner
@@ -80,11 +82,12 @@ def _mixing_flops(cfg: ModelConfig, spec: LayerSpec, seq_len: int) -> float:
             window = min(seq_len, spec.window or a.window)
         # Mean number of keys a query sees: causal with a window of `window` keys.
         mean_keys = (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
-        return 4.0 * a.num_heads * a.resolved_head_dim(d) * mean_keys
+        return 4.0 * a.layer_heads(spec.index)[0] * a.resolved_head_dim(d) * mean_keys
     if spec.mixer == "mamba2":
         m = cfg.mamba2
-        q, n, p, h, g = m.chunk_size, m.d_state, m.head_dim, m.num_heads(d), m.n_groups
-        conv = 2 * m.d_conv * (m.d_inner(d) + 2 * g * n)
+        q, n, p = m.chunk_size, m.d_state, m.head_dim
+        h, g = m.layer_num_heads(d, spec.index), m.layer_groups(spec.index)
+        conv = 2 * m.d_conv * (h * p + 2 * g * n)
         return h * (2 * q * p + 4 * n * p) + g * 2 * q * n + conv
     if spec.mixer == "gla":
         g = cfg.gla
