@@ -148,6 +148,15 @@ def bench_matmul(bench: Bench) -> None:
         result.pct_ceiling = 100.0
 
 
+# FlexAttention Triton options tried for the window (None = flex's defaults, the "flex" rows).
+FLEX_OPTIONS = {
+    "M128 N64 w8": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    "M128 N128 w8": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    "M64 N64 w4 s3": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    "bwd M64 N128": {"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 8},
+}
+
+
 def attention_flops(window: int | None, H: int, D: int) -> float:
     """4*B*H*D per visible (query, key) pair forward; forward + backward = 3.5x (FlashAttention's count)."""
     pairs = T * (T + 1) / 2 if window is None else T * window - window * (window - 1) / 2
@@ -158,9 +167,19 @@ def bench_attention(bench: Bench) -> None:
     H, J, D, window = 16, 4, 64, 1024
     shape = f"B{B} T{T} H{H} J{J} D{D}"
 
-    def make(window, doc_ids=None):
+    def make(window, doc_ids=None, options=None):
         leaves = dict(q_BTHD=randn(B, T, H, D), k_BSJD=randn(B, T, J, D), v_BSJD=randn(B, T, J, D))
-        return lambda: fwd_bwd(lambda **kw: attention(**kw, window=window, doc_ids_BT=doc_ids), leaves)
+
+        def run(**kw):
+            from braid.kernels.attention import flex
+
+            flex.KERNEL_OPTIONS = options
+            try:
+                return attention(**kw, window=window, doc_ids_BT=doc_ids)
+            finally:
+                flex.KERNEL_OPTIONS = None
+
+        return lambda: fwd_bwd(run, leaves)
 
     probe = (torch.empty(1, device="cuda", dtype=BF16),)
     docs = (torch.rand(B, T, device="cuda") < 1 / 1024).cumsum(dim=1)
@@ -181,6 +200,9 @@ def bench_attention(bench: Bench) -> None:
     bench.add("attention", f"window {window} + docs: torch flash", shape, make(window, docs), flops=slide,
               force="attention=torch_flash", backend=("attention", "torch_flash", probe))
     bench.add("attention", f"window {window}: reference", shape, make(window), flops=slide, force="reference")
+    for name, options in FLEX_OPTIONS.items():
+        bench.add("attention", f"window {window}: flex {name}", shape, make(window, options=options), flops=slide,
+                  force="attention=flex", backend=("attention", "flex", probe))
     bench.add("attention", f"window {window} + docs: flex", shape, make(window, docs), flops=slide,
               force="attention=flex", backend=("attention", "flex", probe))
 

@@ -184,6 +184,8 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
 
     reset_peak_memory(args.device)
     seconds, losses = timed_steps(step, args.warmup, args.steps, args.device)
+    if args.profile:
+        print_profile(step, args.device)
     return Run(
         name=f"braid {args.config} compile={compile_mode}" + ("" if current_spec() == "auto" else f" [{current_spec()}]"),
         step_seconds=seconds,
@@ -200,6 +202,19 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
             "params": num_params(cfg),
         },
     )
+
+
+def print_profile(step, device: str, rows: int = 25) -> None:
+    """One more step under torch.profiler: the kernels that took the most device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70), flush=True)
 
 
 def llama_peer(seq_len: int, device: str):
@@ -275,6 +290,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kernels", default=None, help="a BRAID_KERNELS spec for the braid runs, e.g. reference")
     parser.add_argument("--out", default=None, help="append one JSON row per run to this file")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of the script")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of one more braid step")
     return parser.parse_args(argv)
 
 

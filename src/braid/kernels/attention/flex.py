@@ -17,6 +17,10 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 
+# Triton kernel options passed to flex_attention (None: its defaults), e.g.
+# {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8}; bench/kernels.py compares choices.
+KERNEL_OPTIONS: dict | None = None
+
 
 def causal_mask_mod(window: int | None):
     """mask_mod: key k visible from query q iff k <= q (and q - k < window)."""
@@ -85,6 +89,7 @@ def attention_flex(
     mask = block_mask(T, window, doc_ids_BT, q_BTHD.device)
     q_BHTD, k_BJTD, v_BJTD = (t.transpose(1, 2) for t in (q_BTHD, k_BTJD, v_BTJD))
     o_BHTD = compiled_flex_attention(
-        q_BHTD, k_BJTD, v_BJTD, block_mask=mask, scale=scale, enable_gqa=q_BTHD.shape[2] != k_BTJD.shape[2]
+        q_BHTD, k_BJTD, v_BJTD, block_mask=mask, scale=scale, enable_gqa=q_BTHD.shape[2] != k_BTJD.shape[2],
+        kernel_options=KERNEL_OPTIONS,
     )
     return o_BHTD.transpose(1, 2)
