@@ -3,7 +3,7 @@
 from braid.distill.losses import kd_loss, stage1_loss, stage2_loss, stage3_loss, teacher_block_inputs
 from braid.distill.mixing import matrix_orientation_loss, mixing_matrix
 from braid.distill.student import attention_to_mamba2, build_student, student_config, transfer_weights
-from braid.distill.teacher import config_from_hf, load_llama
+from braid.distill.teacher import config_from_hf, load_llama, save_gguf_tokenizer
 
 __all__ = [
     "attention_to_mamba2",
@@ -13,6 +13,7 @@ __all__ = [
     "load_llama",
     "matrix_orientation_loss",
     "mixing_matrix",
+    "save_gguf_tokenizer",
     "stage1_loss",
     "stage2_loss",
     "stage3_loss",

@@ -43,7 +43,7 @@ class DistillConfig:
     lr: tuple[float, ...] = (1e-3, 1e-3, 1e-4)  # per stage 1, 2, 3
     temperature: float = 1.0
     ce_weight: float = 0.0
-    block_size: int = 64
+    block_size: int = 256  # stage-1 tile edge: memory O(seq_len * block); small tiles mean many small kernels
     checkpoint_every: int = 500
     seed: int = 0
     device: str = "cpu"
@@ -158,10 +158,12 @@ def _run_stage(stage: int, tokens: int, cfg: DistillConfig, student, teacher, st
     if latest is not None:
         extra = load_checkpoint(latest, student, opt)
         if extra["step"] >= steps:  # finished under this budget; a larger one continues it
+            print(f"distill: stage {stage} already at step {extra['step']} of {steps}; skipped", flush=True)
             return extra["loss"]
         loader.load_state_dict(extra["loader"])
         step = extra["step"]
     batches, device = iter(loader), student.head_weight.device
+    first_step, stage_start = step, time.time()
     while step < steps:
         start = time.time()
         loss = _train_step(stage, cfg, student, teacher, opt, {k: v.to(device) for k, v in next(batches).items()})
@@ -173,6 +175,11 @@ def _run_stage(stage: int, tokens: int, cfg: DistillConfig, student, teacher, st
         if step % cfg.checkpoint_every == 0 or step == steps:
             extra = {"step": step, "loader": loader.state_dict(), "loss": loss}
             save_checkpoint(stage_dir, step, student, opt, extra, keep_last=2)
+    print(
+        f"distill: stage {stage} steps {first_step + 1}-{steps} ({(steps - first_step) * tokens_per_step} tokens) "
+        f"in {time.time() - stage_start:.1f}s, last loss {loss:.4f}",
+        flush=True,
+    )
     return loss
 
 

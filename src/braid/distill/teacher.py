@@ -2,7 +2,9 @@
 
 A Llama checkpoint maps one to one onto pattern "A-" (attention + SwiGLU per block): HF's
 q/k weights are already laid out for rotate-half RoPE, which is braid's convention, so no
-permutation is needed. Legend: D d_model, V vocab.
+permutation is needed. A .gguf file is read through transformers, which dequantises it and
+undoes llama.cpp's interleaved q/k row order (`permute` in llama.cpp's convert_hf_to_gguf.py)
+on load, so braid receives HF-layout weights either way. Legend: D d_model, V vocab.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from braid.model.config import AttentionConfig, MLPConfig, ModelConfig
 from braid.model.decoder import Decoder
 
 SUPPORTED_MODEL_TYPES = ("llama",)
+_GGUF_NEEDS = "needs gguf and accelerate: pip install 'braid[teacher]'"
 
 _LAYER_KEYS = {
     "self_attn.q_proj.weight": "mixer.wq.weight",
@@ -90,12 +93,26 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 def _read_gguf(path: Path) -> tuple[dict, dict[str, Tensor]]:
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF)
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
     except ImportError as error:
-        raise ValueError(f"teacher: reading {path} needs `pip install gguf transformers` ({error})") from error
-    hf_cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        raise ValueError(f"teacher: reading {path} {_GGUF_NEEDS} ({error})") from error
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32)
-    return hf_cfg.to_dict(), model.state_dict()
+    return model.config.to_dict(), model.state_dict()
+
+
+def save_gguf_tokenizer(gguf_path: str | Path, out_path: str | Path) -> Path:
+    """Write the tokenizer embedded in a .gguf file as a HF tokenizer.json at `out_path`
+    (for `braid data prepare --tokenizer`). transformers rebuilds it from the GGUF metadata."""
+    gguf_path, out_path = Path(gguf_path), Path(out_path)
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF)
+        from transformers import AutoTokenizer
+    except ImportError as error:
+        raise ValueError(f"teacher: reading {gguf_path} {_GGUF_NEEDS} ({error})") from error
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.backend_tokenizer.save(str(out_path))
+    return out_path
 
 
 def load_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Decoder, ModelConfig]:
