@@ -107,7 +107,7 @@ def test_parallel_overrides_and_layout_validation(data_dir, tmp_path, monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="world size 3 is not divisible"):
         check_layout(cfg)
-    with pytest.raises(ValueError, match="pipeline"):
+    with pytest.raises(ValueError, match="set tie_embeddings=False to pipeline"):
         check_layout(apply_overrides(cfg, ["parallel.tp=1", "parallel.pp=3"]))
     with pytest.raises(ValueError, match="unknown key 'tq'"):
         apply_overrides(cfg, ["parallel.tq=2"])

@@ -47,7 +47,14 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-__all__ = ["DeepSpeedMPU", "build_deepspeed_engine", "deepspeed_config", "param_groups", "tp_on_local_tensors"]
+__all__ = [
+    "DeepSpeedMPU",
+    "DeepSpeedState",
+    "build_deepspeed_engine",
+    "deepspeed_config",
+    "param_groups",
+    "tp_on_local_tensors",
+]
 
 EXTENSIONS_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "braid-torch-extensions")
 MESH_AXES = ("pp", "dp_replicate", "dp_shard", "tp")
@@ -167,10 +174,20 @@ class DeepSpeedMPU:
 
 
 def deepspeed_config(
-    zero_stage: int, *, micro_batch_size: int, grad_accum: int, grad_clip: float, bf16: bool
+    zero_stage: int,
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    grad_clip: float,
+    bf16: bool,
+    managed_accumulation: bool = True,
 ) -> dict[str, Any]:
-    """The explicit DeepSpeed config braid uses; every setting that matters is spelled out."""
+    """The explicit DeepSpeed config braid uses; every setting that matters is spelled out.
+
+    managed_accumulation=False: engine.backward only accumulates and engine.step() is the
+    step's boundary (reduce, clip, update), however many backwards the caller ran."""
     return {
+        "managed_gradient_accumulation": managed_accumulation,
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": float(grad_clip),
@@ -184,12 +201,13 @@ def deepspeed_config(
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups of the single-process run: decay, and no decay for no_weight_decay_names()."""
+    """AdamW groups of the single-process run (braid.train.optim's, names included): decay,
+    and no decay for no_weight_decay_names()."""
     no_decay = model.no_weight_decay_names()
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     return [
-        {"params": [p for name, p in named if name not in no_decay], "weight_decay": weight_decay},
-        {"params": [p for name, p in named if name in no_decay], "weight_decay": 0.0},
+        {"params": [p for name, p in named if name not in no_decay], "weight_decay": weight_decay, "name": "decay"},
+        {"params": [p for name, p in named if name in no_decay], "weight_decay": 0.0, "name": "no_decay"},
     ]
 
 
@@ -202,6 +220,7 @@ def build_deepspeed_engine(
     dp_group: dist.ProcessGroup | None = None,
     micro_batch_size: int = 1,
     grad_clip: float | None = None,
+    managed_accumulation: bool = True,
 ):
     """deepspeed.initialize with braid's explicit config and AdamW; returns the engine.
 
@@ -214,6 +233,8 @@ def build_deepspeed_engine(
         parallelism; neither means every rank is data parallel.
     micro_batch_size: sequences per rank per micro-batch (DeepSpeed's batch bookkeeping).
     grad_clip: max gradient norm, 0 disables; default optim_cfg.grad_clip.
+    managed_accumulation: False lets the caller run any number of backwards (with
+        scale_wrt_gas=False) before the one engine.step() of an optimizer step (the trainer).
     """
     if mpu is None:
         mpu = DeepSpeedMPU(dp_group if dp_group is not None else dist.group.WORLD)
@@ -232,6 +253,7 @@ def build_deepspeed_engine(
         grad_accum=optim_cfg.grad_accum,
         grad_clip=optim_cfg.grad_clip if grad_clip is None else grad_clip,
         bf16=on_gpu,
+        managed_accumulation=managed_accumulation,
     )
     optimizer = torch.optim.AdamW(
         param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps
@@ -292,6 +314,7 @@ def tp_on_local_tensors(model: nn.Module) -> nn.Module:
                 specs.append(_LocalSpec(owner, name, param.device_mesh, param.placements, param.shape, param.stride()))
                 local = nn.Parameter(param.to_local().detach(), requires_grad=param.requires_grad)
                 local.tensor_model_parallel = any(not p.is_replicate() for p in param.placements)
+                local.dtensor_spec = specs[-1]  # for checkpoints: the global tensor of this shard
                 owner._parameters[name] = local
     _install_dtensor_views(model, specs)
     for block in getattr(model, "layers", {}).values():
@@ -323,3 +346,134 @@ def _install_dtensor_views(module: nn.Module, specs: list[_LocalSpec]) -> None:
 
     module.register_forward_pre_hook(swap_in, prepend=True)
     module.register_forward_hook(swap_back, always_call=True)
+
+
+OPTIM_STATES = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state besides "step"
+
+
+class DeepSpeedState:
+    """The model and AdamW state of a deepspeed engine in braid's checkpoint format
+    (braid.train.checkpoint): single-process FQNs, full tensors (DTensors of the TP mesh for
+    TP shards, so DCP reshards them) and the flattened optimizer keys of
+    torch.distributed.checkpoint.state_dict. A DeepSpeed checkpoint thus loads at any other
+    layout and engine, and any layout's checkpoint loads into DeepSpeed ZeRO 1, 2 or 3.
+
+    Collective over the data-parallel ranks (DeepSpeed gathers the ZeRO partitions): every
+    rank calls state_dict and load_state_dict.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.module = engine.module
+        self.zero3 = engine.zero_optimization_stage() == 3
+        no_decay = self.module.no_weight_decay_names()
+        self.params = [
+            (_clean(name), param, int(name in no_decay)) for name, param in self.module.named_parameters()
+        ]
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        model, optim = self._buffers(), {}
+        step = self._step()
+        if step > 0:
+            self._link_optimizer_state()
+        for fqn, param, group in self.params:
+            model[fqn] = _as_global(safe_get_full_fp32_param(param), param)
+            for key in OPTIM_STATES:
+                value = safe_get_full_optimizer_state(param, key) if step > 0 else None
+                optim[f"state.{fqn}.{key}"] = _as_global(value, param)
+            optim[f"state.{fqn}.step"] = torch.tensor(float(step))
+            for key, value in self._hyperparameters(group).items():
+                optim[f"param_groups.{fqn}.{key}"] = value
+        return {"model": model, "optim": optim}
+
+    def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        step = {float(state["optim"][f"state.{fqn}.step"]) for fqn, _, _ in self.params}
+        assert len(step) == 1, "every parameter's AdamW step count must be the same"
+        self._init_optimizer_state(step.pop())
+        for fqn, param, _ in self.params:
+            full = _to_local(state["model"][fqn])
+            safe_set_full_fp32_param(param, full)
+            self._set_model_param(param, full)
+            for key in OPTIM_STATES:
+                safe_set_full_optimizer_state(param, _to_local(state["optim"][f"state.{fqn}.{key}"]), key)
+        with torch.no_grad():
+            for name, buffer in self.module.named_buffers():
+                if _clean(name) in state["model"]:
+                    buffer.copy_(state["model"][_clean(name)])
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        names = {_clean(name) for name, _ in self.module.named_parameters()}
+        return {
+            _clean(name): value.clone() for name, value in self.module.state_dict().items() if _clean(name) not in names
+        }
+
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer.optimizer
+
+    def _step(self) -> int:
+        states = list(self._inner_optimizer().state.values())
+        return int(states[0]["step"]) if states and "step" in states[0] else 0
+
+    def _hyperparameters(self, group: int) -> dict[str, Any]:
+        return {key: value for key, value in self.engine.optimizer.param_groups[group].items() if key != "params"}
+
+    def _init_optimizer_state(self, step: float) -> None:
+        """AdamW state on DeepSpeed's flat partitions (zeros until loaded), so that the
+        per-parameter setters find it before the first step, and the step count."""
+        inner = self._inner_optimizer()
+        if self.zero3:
+            flats = list(self.engine.optimizer.fp32_partitioned_groups_flat)
+        else:
+            flats = [flat for group in inner.param_groups for flat in group["params"]]
+        for flat in flats:
+            state = inner.state[flat]
+            for key in OPTIM_STATES:
+                state.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
+            state["step"] = torch.tensor(step)
+        self._link_optimizer_state()
+
+    def _link_optimizer_state(self) -> None:
+        """Point ZeRO-1/2's per-parameter views at the AdamW state of every group: 0.19.8
+        links them once, right after the first group's first step, which leaves the later
+        groups' views empty (ZeRO-3 reads the state directly)."""
+        if not self.zero3:
+            self.engine.optimizer._hp_optimizer_states_linked = False
+            self.engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def _set_model_param(self, param: nn.Parameter, full: torch.Tensor) -> None:
+        """The module's own copy of the weights (DeepSpeed's compute copy of its fp32 master)."""
+        if not self.zero3:
+            with torch.no_grad():
+                param.copy_(full.view_as(param))
+            return
+        import deepspeed
+
+        # ZeRO-3 runs without TP or pp, so its data-parallel group is the world, holding rank 0.
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+            param.copy_(full.view_as(param))
+
+
+def _clean(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
+def _as_global(value: torch.Tensor | None, param: nn.Parameter) -> torch.Tensor:
+    """A full (local, under TP) value as the single-process tensor: a DTensor of the TP mesh
+    for TP shards; zeros where DeepSpeed has no state yet (before the first step)."""
+    shape = getattr(param, "ds_shape", param.shape)
+    value = torch.zeros(shape, dtype=torch.float32, device=param.device) if value is None else value.detach()
+    value = value.reshape(shape).clone()
+    spec = getattr(param, "dtensor_spec", None)
+    if spec is None:
+        return value
+    return DTensor.from_local(
+        value, spec.mesh, spec.placements, run_check=False, shape=spec.shape, stride=spec.stride
+    )
+
+
+def _to_local(value: torch.Tensor) -> torch.Tensor:
+    return value.to_local() if isinstance(value, DTensor) else value

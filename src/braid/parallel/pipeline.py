@@ -8,6 +8,7 @@ Decoder slices, run them under a torch.distributed.pipelining schedule.
                           parallelize_fn=lambda part: parallelize(part, dims, mesh))
     out = pipeline_step(pipe, {"input_ids": ..., "labels": ..., "doc_ids": ...})  # fwd + bwd
     optimizer.step()  # over the parameters of pipe.modules; out.loss is equal on every rank
+    ce_sum = pipeline_eval(pipe, batch)   # forward only (validation), equal on every rank
 
 Every rank of the pipeline group calls `pipeline_step` with the same batch: the first stage
 reads the tokens, the last the labels, and every stage the document ids (they reach each
@@ -288,19 +289,22 @@ def build_schedule(
     return SCHEDULES[schedule](stages[0], **kwargs), stages
 
 
-def _microbatch_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, num_targets: int) -> torch.Tensor:
-    """The microbatch's cross-entropy summed over its targets, divided by the step's targets."""
+def _microbatch_cross_entropy(
+    logits_BTV: torch.Tensor, labels_BT: torch.Tensor, num_targets: float = 1, ce_scale: float = 1.0
+) -> torch.Tensor:
+    """The microbatch's cross-entropy summed over its targets, divided by the step's targets
+    and times ce_scale (the defaults give the plain sum, as validation uses)."""
     if not isinstance(logits_BTV, DTensor):
         logits_NV = logits_BTV.flatten(0, 1)
         logits_NV = logits_NV.to(torch.promote_types(logits_NV.dtype, torch.float32))
         ce_sum = F.cross_entropy(logits_NV, labels_BT.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return ce_sum / num_targets
+        return ce_sum / num_targets * ce_scale
     # Vocab-sharded logits (TP): parallel_cross_entropy gives the mean over the targets,
     # which is NaN for a microbatch without any.
     num_valid = int((labels_BT != IGNORE_INDEX).sum())
     if num_valid == 0:
         return logits_BTV.to_local().sum() * 0.0
-    return parallel_cross_entropy(logits_BTV, labels_BT, IGNORE_INDEX) * (num_valid / num_targets)
+    return parallel_cross_entropy(logits_BTV, labels_BT, IGNORE_INDEX) * (num_valid / num_targets) * ce_scale
 
 
 def _check_layout(schedule: str, pp_size: int, microbatches: int, stages_per_rank: int) -> None:
@@ -396,6 +400,7 @@ def pipeline_step(
     batch: dict[str, torch.Tensor],
     *,
     num_targets: int | None = None,
+    ce_scale: float = 1.0,
     aux_scale: float | None = None,
     widths=None,
 ) -> PipelineLoss:
@@ -407,24 +412,17 @@ def pipeline_step(
         multiple of the pipeline's microbatches.
     num_targets: the divisor of the summed cross-entropy (default: the batch's targets);
         pass the step's total when one optimizer step accumulates several pipeline_steps.
+    ce_scale: a further factor of the cross-entropy (the trainer passes num_targets=1 and
+        its data-parallel scale dp_size / the step's global targets).
     aux_scale: weight of each microbatch's aux losses (default 1 / microbatches); pass
         1 / (microbatches * accumulation steps) when accumulating.
     widths: MatFormer widths, as for Decoder.forward.
     """
     num_mb = pipeline.num_microbatches
-    tokens_BT, labels_BT = batch["input_ids"], batch["labels"]
-    if tokens_BT.shape[0] % num_mb != 0:
-        raise ValueError(
-            f"batch size {tokens_BT.shape[0]} is not a multiple of pp_microbatches={num_mb}: "
-            "change the micro-batch size or the number of pipeline microbatches"
-        )
     if num_targets is None:
-        num_targets = max(1, int((labels_BT != IGNORE_INDEX).sum()))
+        num_targets = max(1, int((batch["labels"] != IGNORE_INDEX).sum()))
     aux_scale = 1.0 / num_mb if aux_scale is None else aux_scale
-    doc_mbs = [None] * num_mb if batch.get("doc_ids") is None else batch["doc_ids"].tensor_split(num_mb)
-    kwarg_mbs = [_stage_kwargs(doc_ids, widths, aux_scale) for doc_ids in doc_mbs]
-    arg_mbs = [(t,) for t in tokens_BT.tensor_split(num_mb)] if pipeline.has_first else None
-    target_mbs = list(labels_BT.tensor_split(num_mb)) if pipeline.has_last else None
+    arg_mbs, kwarg_mbs, target_mbs = _split_batch(pipeline, batch, widths, aux_scale)
     for module in pipeline.modules:
         module.aux_log.clear()
     losses: list[torch.Tensor] = []
@@ -434,9 +432,50 @@ def pipeline_step(
         target_mbs=target_mbs,
         losses=losses,
         return_outputs=False,
-        loss_kwargs={"num_targets": num_targets},
+        loss_kwargs={"num_targets": num_targets, "ce_scale": ce_scale},
     )
     return _gather_loss(pipeline, losses, aux_scale)
+
+
+@torch.no_grad()
+def pipeline_eval(pipeline: Pipeline, batch: dict[str, torch.Tensor], *, widths=None) -> torch.Tensor:
+    """The cross-entropy summed over the batch's targets, forward only through the schedule
+    (stages in eval mode); a float64 scalar equal on every rank of the pipeline group.
+    batch: as for pipeline_step (B a multiple of the pipeline's microbatches)."""
+    arg_mbs, kwarg_mbs, target_mbs = _split_batch(pipeline, batch, widths, aux_scale=0.0)
+    modes = [module.training for module in pipeline.modules]
+    for module in pipeline.modules:
+        module.eval()
+    losses: list[torch.Tensor] = []
+    try:
+        pipeline.schedule.eval(arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs, losses=losses)
+    finally:
+        for module, mode in zip(pipeline.modules, modes):
+            module.train(mode)
+            module.aux_log.clear()
+    total = torch.zeros(1, dtype=torch.float64)
+    if pipeline.has_last:
+        total[0] = sum(_plain(loss).double() for loss in losses)
+    total = total.to(pipeline.stages[0].device)
+    dist.all_reduce(total, group=pipeline.group)
+    return total[0].cpu()
+
+
+def _split_batch(pipeline: Pipeline, batch: dict[str, torch.Tensor], widths, aux_scale: float):
+    """(arg_mbs, kwarg_mbs, target_mbs) of the schedule: tokens on the first stage, labels
+    on the last, document ids and the stage keywords everywhere."""
+    num_mb = pipeline.num_microbatches
+    tokens_BT, labels_BT = batch["input_ids"], batch["labels"]
+    if tokens_BT.shape[0] % num_mb != 0:
+        raise ValueError(
+            f"batch size {tokens_BT.shape[0]} is not a multiple of pp_microbatches={num_mb}: "
+            "change the micro-batch size (data.batch_size) or parallel.pp_microbatches"
+        )
+    doc_mbs = [None] * num_mb if batch.get("doc_ids") is None else batch["doc_ids"].tensor_split(num_mb)
+    kwarg_mbs = [_stage_kwargs(doc_ids, widths, aux_scale) for doc_ids in doc_mbs]
+    arg_mbs = [(t,) for t in tokens_BT.tensor_split(num_mb)] if pipeline.has_first else None
+    target_mbs = list(labels_BT.tensor_split(num_mb)) if pipeline.has_last else None
+    return arg_mbs, kwarg_mbs, target_mbs
 
 
 def _stage_kwargs(doc_ids_BT: torch.Tensor | None, widths, aux_scale: float) -> dict:

@@ -12,6 +12,12 @@ torch.distributed.checkpoint (DCP) runs in one process without a process group, 
 same files load under any sharding later. Under a process group every rank writes its
 shards and rank 0 alone makes, completes and renames the dir. MatFormer weights under TP go
 through braid.parallel's checkpoint layout (contiguous shards), an identity otherwise.
+
+The model and optimizer state are keyed by the single-process parameter names (FQNs), the
+optimizer's flattened ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), so a checkpoint
+holds no per-layout structure: one process, TP/FSDP2/EP, this rank's pipeline stages
+(`PartsState`) and DeepSpeed (braid.parallel.deepspeed.DeepSpeedState) all write and read
+the same keys, and each layout loads any other's checkpoint.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -44,6 +51,34 @@ from braid.parallel import from_checkpoint_layout, to_checkpoint_layout
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class PartsState:
+    """Model and optimizer state of model parts (one model, or this rank's pipeline stages,
+    one optimizer each): {"model": {fqn: tensor}, "optim": {flattened key: value}}, keyed
+    as in the single-process model (DTensors keep their global shapes)."""
+
+    def __init__(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]):
+        self.parts, self.optimizers = parts, optimizers
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        model, optim = {}, {}
+        for part, optimizer in zip(self.parts, self.optimizers):
+            model_sd, optim_sd = get_state_dict(part, optimizer, options=FLAT)
+            model.update(model_sd)
+            optim.update(optim_sd)
+        return {"model": model, "optim": optim}
+
+    def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
+        for part, optimizer in zip(self.parts, self.optimizers):
+            own_model, own_optim = get_state_dict(part, optimizer, options=FLAT)
+            set_state_dict(
+                part, optimizer,
+                model_state_dict={key: state["model"][key] for key in own_model},
+                optim_state_dict={key: state["optim"][key] for key in own_optim},
+                options=FLAT,
+            )
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -127,8 +162,14 @@ def save_checkpoint(
     extra: dict[str, Any],
     keep_last: int,
 ) -> Path:
+    """Write checkpoint `step` of `model` and `optimizer` (see save_train_state)."""
+    return save_train_state(run_dir, step, PartsState([model], [optimizer]), extra, keep_last)
+
+
+def save_train_state(run_dir: str | Path, step: int, train_state, extra: dict[str, Any], keep_last: int) -> Path:
     """Write checkpoint `step` atomically and keep only the newest `keep_last`; returns its dir.
 
+    train_state: its state_dict() gives {"model": ..., "optim": ...} (PartsState, DeepSpeedState).
     `extra` is any picklable state (loader state, counters); RNG states are added here.
     """
     final = checkpoint_dir(run_dir, step)
@@ -137,8 +178,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = to_checkpoint_layout({"model": model_sd, "optim": optim_sd})
+    state = to_checkpoint_layout(train_state.state_dict())
     state["extra"] = _pack({**extra, "rng": capture_rng()})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -188,15 +228,20 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load model and optimizer in place, restore RNG states; returns the saved `extra`."""
-    template = dict(zip(("model", "optim"), get_state_dict(model, optimizer)))
+    """Load `model` and `optimizer` in place (see load_train_state); returns the saved `extra`."""
+    return load_train_state(path, PartsState([model], [optimizer]))
+
+
+def load_train_state(path: str | Path, train_state) -> dict[str, Any]:
+    """Load a checkpoint (written at any layout) into `train_state` (PartsState,
+    DeepSpeedState), restore RNG states; returns the saved `extra`."""
+    template = train_state.state_dict()
     state = {**to_checkpoint_layout(template), "extra": b""}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, checkpoint_id=Path(path))
     extra = _unpack(state.pop("extra"))
-    state = from_checkpoint_layout(state, template)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train_state.load_state_dict(from_checkpoint_layout(state, template))
     restore_rng(extra.pop("rng"))
     return extra
 

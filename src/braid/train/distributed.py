@@ -3,11 +3,12 @@ layout of one run (mesh, data-parallel rank), and the loader re-split for a new 
 
     layout = build_layout(cfg)        # validates parallel.* against WORLD_SIZE and the model
     layout.dp_rank, layout.dp_size    # which loader shard this rank reads
+    layout.pp_group                   # the pipeline ranks (None without pipeline parallelism)
     layout.is_main                    # rank 0: the only one that logs and writes files
 
 With WORLD_SIZE unset or 1 nothing is initialised and `layout.mesh` is None: the trainer
-runs the single-device model as before. Tensor-parallel ranks of one data-parallel group
-read the same batches.
+runs the single-device model as before. Tensor- and pipeline-parallel ranks of one
+data-parallel group read the same batches.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from braid.parallel import ParallelDims
+from braid.parallel.pipeline import split_layers
 from braid.train.config import TrainConfig
 
 
@@ -34,6 +36,8 @@ class Layout:
     dp_rank: int = 0
     dp_size: int = 1
     dp_group: dist.ProcessGroup | None = None
+    pp_rank: int = 0
+    pp_group: dist.ProcessGroup | None = None  # None: no pipeline parallelism
 
     @property
     def is_main(self) -> bool:
@@ -55,27 +59,44 @@ def env_world_size() -> int:
 def check_layout(cfg: TrainConfig) -> ParallelDims:
     """`cfg.parallel` resolved against WORLD_SIZE and checked against the model (no device work).
 
-    The trainer drives TP, FSDP2 data parallelism and EP; pipeline stages and DeepSpeed are
-    driven by braid.parallel directly, not yet by `braid train`. Text samples during
-    training need tp=1.
+    The trainer drives TP, FSDP2 data parallelism (ZeRO-2/3, HSDP), EP, pipeline stages
+    (pp > 1) and DeepSpeed ZeRO 1/2/3 (pp = 1). Text samples during training need the whole
+    model on one rank: tp = 1 and pp = 1.
     """
+    pcfg = cfg.parallel
+    if pcfg.zero_engine == "deepspeed":
+        _check_deepspeed(cfg)
+    for name, size in (("tp", pcfg.tp), ("pp", pcfg.pp)):
+        if size > 1 and cfg.log.sample_every > 0:
+            raise ValueError(
+                f"log.sample_every={cfg.log.sample_every} with parallel.{name}={size}: text samples need the "
+                "whole model and vocabulary on one rank; set log.sample_every=0 and sample with "
+                "`braid generate` on a checkpoint"
+            )
+    dims = ParallelDims(pcfg, env_world_size(), cfg.model)
+    if dims.pp > 1:  # the stage split's own checks (tied embeddings, cut points), before any model work
+        split_layers(cfg.model, dims.num_stages, pcfg.pp_cut_points, seq_len=cfg.data.seq_len)
+    return dims
+
+
+def _check_deepspeed(cfg: TrainConfig) -> None:
     pcfg = cfg.parallel
     if pcfg.pp > 1:
         raise ValueError(
-            f"parallel.pp={pcfg.pp}: the trainer does not drive pipeline parallelism yet; "
-            "set parallel.pp=1 (use tp, dp_shard, dp_replicate or ep)"
+            f"parallel.zero_engine=deepspeed with parallel.pp={pcfg.pp}: the trainer drives DeepSpeed without "
+            "pipeline stages (its engine owns backward, which the torch pipeline schedule runs itself); "
+            "set parallel.zero_engine=fsdp2 to pipeline, or parallel.pp=1"
         )
-    if pcfg.zero_engine != "fsdp2":
+    if pcfg.ep > 1:
         raise ValueError(
-            f"parallel.zero_engine={pcfg.zero_engine!r}: the trainer drives only fsdp2 for now; "
-            "set parallel.zero_engine=fsdp2"
+            f"parallel.zero_engine=deepspeed with parallel.ep={pcfg.ep}: DeepSpeed would average expert shards "
+            "over ranks that hold other experts; set parallel.zero_engine=fsdp2 or parallel.ep=1"
         )
-    if pcfg.tp > 1 and cfg.log.sample_every > 0:
+    if cfg.train.dtype == "float64":
         raise ValueError(
-            f"log.sample_every={cfg.log.sample_every} with parallel.tp={pcfg.tp}: text samples need the whole "
-            "vocabulary on one rank; set log.sample_every=0 and sample with `braid generate` on a checkpoint"
+            "train.dtype=float64 with parallel.zero_engine=deepspeed: DeepSpeed reduces float32 and bfloat16 "
+            "gradients only; set train.dtype=float32 (or auto), or parallel.zero_engine=fsdp2"
         )
-    return ParallelDims(pcfg, env_world_size(), cfg.model)
 
 
 def init_process_group(device: torch.device) -> None:
@@ -101,10 +122,11 @@ def build_layout(dims: ParallelDims, device: torch.device) -> Layout:
         return Layout(dims, None)
     init_process_group(device)
     mesh = dims.build_mesh(device.type)
-    dp_mesh = dims.get_mesh("dp")
+    dp_mesh, pp_mesh = dims.get_mesh("dp"), dims.get_mesh("pp")
     return Layout(
         dims, mesh, rank=dist.get_rank(), dp_rank=dp_mesh.get_local_rank(), dp_size=dp_mesh.size(),
-        dp_group=dp_mesh.get_group(),
+        dp_group=dp_mesh.get_group(), pp_rank=pp_mesh.get_local_rank(),
+        pp_group=pp_mesh.get_group() if dims.pp > 1 else None,
     )
 
 

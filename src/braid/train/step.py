@@ -1,18 +1,28 @@
-"""The training step and the non-finite (NaN/inf) guard.
+"""The training step, the engines it drives, and the non-finite (NaN/inf) guard.
 
 Shapes: B batch, T time, V vocab.
+
+`engine_step` is the step of every layout; what differs is the engine, a small object that
+runs forward and backward of one micro-batch and then clips and steps:
+
+    ModelEngine      one model and its optimizer: one process, TP, FSDP2, EP (DTensors)
+    PipelineEngine   this rank's pipeline stages (braid.parallel.pipeline), one optimizer each
+    DeepSpeedEngine  a deepspeed engine (ZeRO 1/2/3; TP on local shards), pp = 1
 
 Under a parallel layout (braid.train.distributed.Layout) the step is the single-process
 step on the global batch: the targets are counted over the data-parallel ranks, each rank's
 loss is scaled so that the data-parallel gradient average gives the global gradient, the
-logged losses are averaged over dp, and the gradient norm is the norm of the whole model.
+logged losses are averaged over dp (and equal on every pipeline rank), and the gradient
+norm is the norm of the whole model (over TP, FSDP and EP meshes and pipeline stages).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -22,6 +32,7 @@ from torch.distributed.tensor import DTensor
 
 from braid.parallel import parallel_cross_entropy
 from braid.parallel.ep import update_moe_bias
+from braid.parallel.pipeline import Pipeline, pipeline_eval, pipeline_step
 from braid.train.distributed import Layout
 from braid.train.optim import set_lr
 
@@ -53,9 +64,165 @@ def cross_entropy_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torc
     return parallel_cross_entropy(logits_BTV, labels_BT, ignore_index=IGNORE_INDEX) * num_valid
 
 
+class Engine(Protocol):
+    """What the step needs of a layout's model and optimizer."""
+
+    parts: list[nn.Module]  # the model parts this rank holds (one, or its pipeline stages)
+
+    def set_lr(self, lr: float) -> None: ...
+
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], ce_scale: float, aux_scale: float, width, autocast
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward of ce_scale * CE sum + aux_scale * aux of one micro-batch; returns (loss, ce) detached."""
+
+    def clip_and_step(self, grad_clip: float, loss_finite: bool) -> tuple[torch.Tensor, bool]:
+        """Clip to `grad_clip` (inf: off), step unless a loss or the norm is not finite, zero the
+        gradients; returns (gradient norm before clipping, updated)."""
+
+    def evaluate_batch(self, batch: dict[str, torch.Tensor], autocast) -> float:
+        """The batch's summed validation cross-entropy (equal on every rank)."""
+
+
+class ModelEngine:
+    """One model and its optimizer: one process, or TP / FSDP2 / EP ranks (DTensor parameters)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, layout: Layout | None = None):
+        self.model, self.optimizer, self.layout = model, optimizer, layout
+        self.parts, self.optimizers = [model], [optimizer]
+
+    @property
+    def parallel(self) -> bool:
+        return self.layout is not None and self.layout.parallel
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def forward_backward(self, batch, ce_scale, aux_scale, width, autocast):
+        with autocast:
+            logits_BTV, aux = self.model(batch["input_ids"], batch["doc_ids"], widths=width, return_aux=True)
+        ce = cross_entropy_sum(logits_BTV, batch["labels"]) * ce_scale
+        loss = ce + sum(aux.values()) * aux_scale
+        loss.backward()
+        return loss.detach(), ce.detach()
+
+    def clip_and_step(self, grad_clip, loss_finite):
+        if self.parallel:
+            grad_norm = clip_grad_norm(list(self.model.parameters()), grad_clip)
+        else:
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+        updated = loss_finite and bool(torch.isfinite(grad_norm))
+        if updated:
+            self.optimizer.step()
+            if self.parallel:
+                update_moe_bias(self.model, self.layout.dp_group)
+            else:
+                self.model.update_moe_bias()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, updated
+
+    def evaluate_batch(self, batch, autocast):
+        with autocast:
+            logits_BTV = self.model(batch["input_ids"], batch["doc_ids"])
+        return float(cross_entropy_sum(logits_BTV, batch["labels"]))
+
+
+class PipelineEngine:
+    """This rank's pipeline stages (each parallelized by TP/FSDP2/EP), one optimizer per stage.
+
+    Each micro-batch of the step runs through the schedule as pipeline.num_microbatches
+    pipeline microbatches; the loss and aux of the whole pipeline are equal on every rank.
+    """
+
+    def __init__(self, pipeline: Pipeline, optimizers: Sequence[torch.optim.Optimizer], layout: Layout):
+        self.pipeline, self.optimizers, self.layout = pipeline, list(optimizers), layout
+        self.parts = list(pipeline.modules)
+
+    def set_lr(self, lr: float) -> None:
+        for optimizer in self.optimizers:
+            set_lr(optimizer, lr)
+
+    def forward_backward(self, batch, ce_scale, aux_scale, width, autocast):
+        with autocast:
+            out = pipeline_step(
+                self.pipeline, batch, num_targets=1, ce_scale=ce_scale,
+                aux_scale=aux_scale / self.pipeline.num_microbatches, widths=width,
+            )
+        return out.loss, out.ce
+
+    def clip_and_step(self, grad_clip, loss_finite):
+        params = [p for part in self.parts for p in part.parameters()]
+        grad_norm = clip_grad_norm(params, grad_clip, self.layout.pp_group)
+        updated = loss_finite and bool(torch.isfinite(grad_norm))
+        for optimizer in self.optimizers:
+            if updated:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if updated:
+            for part in self.parts:
+                update_moe_bias(part, self.layout.dp_group)
+        return grad_norm, updated
+
+    def evaluate_batch(self, batch, autocast):
+        with autocast:
+            return float(pipeline_eval(self.pipeline, batch))
+
+
+class DeepSpeedEngine:
+    """A deepspeed engine (braid.parallel.deepspeed) in its unmanaged accumulation mode:
+    backward accumulates, `step` reduces, clips (DeepSpeed's gradient_clipping), and steps,
+    or skips a step whose gradient norm is not finite (its overflow check, on by default in
+    float32 and bf16; its grad norm is always computed, zero_optimization.compute_grad_norm)."""
+
+    def __init__(self, engine: Any, layout: Layout):
+        self.engine, self.layout = engine, layout
+        self.parts = [engine.module]
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def forward_backward(self, batch, ce_scale, aux_scale, width, autocast):
+        with autocast:
+            logits_BTV, aux = self.engine(batch["input_ids"], batch["doc_ids"], widths=width, return_aux=True)
+        ce = cross_entropy_sum(logits_BTV, batch["labels"]) * ce_scale
+        loss = ce + sum(aux.values()) * aux_scale
+        self.engine.backward(loss, scale_wrt_gas=False)
+        return loss.detach(), ce.detach()
+
+    def clip_and_step(self, grad_clip, loss_finite):
+        # DeepSpeed decides from the gradient norm alone (a non-finite loss gives one too).
+        self.engine.step()
+        grad_norm = torch.tensor(float(self.engine.get_global_grad_norm()), dtype=torch.float64)
+        updated = bool(torch.isfinite(grad_norm))
+        if updated:
+            update_moe_bias(self.engine.module, self.layout.dp_group)
+        return grad_norm, updated
+
+    def evaluate_batch(self, batch, autocast):
+        with autocast:
+            logits_BTV = self.engine.module(batch["input_ids"], batch["doc_ids"])
+        return float(cross_entropy_sum(logits_BTV, batch["labels"]))
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict[str, torch.Tensor]],
+    lr: float,
+    grad_clip: float,
+    autocast: contextlib.AbstractContextManager,
+    *,
+    layout: Layout | None = None,
+    widths: list[tuple[float | None, float]] | None = None,
+) -> StepOutput:
+    """`engine_step` of one model and its optimizer (ModelEngine)."""
+    engine = ModelEngine(model, optimizer, layout)
+    return engine_step(engine, micro_batches, lr, grad_clip, autocast, layout=layout, widths=widths)
+
+
+def engine_step(
+    engine: Engine,
     micro_batches: list[dict[str, torch.Tensor]],
     lr: float,
     grad_clip: float,
@@ -73,36 +240,20 @@ def train_step(
     `widths`: (MatFormer width, loss weight) pairs from braid.elastic's policy (None: the
     full model); each micro-batch is trained at every width, losses summed with the weights.
     """
-    set_lr(optimizer, lr)
-    parallel = layout is not None and layout.parallel
-    dp_size = layout.dp_size if parallel else 1
+    engine.set_lr(lr)
+    dp_size = layout.dp_size if layout is not None else 1
     num_targets = _global_sum(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches), layout)
     # Data-parallel gradients are averaged over dp ranks, hence the dp_size.
     ce_scale = dp_size / max(1.0, num_targets)
     loss_sum = ce_sum = 0.0
     for batch in micro_batches:
         for width, weight in widths or [(None, 1.0)]:
-            with autocast:
-                logits_BTV, aux = model(batch["input_ids"], batch["doc_ids"], widths=width, return_aux=True)
-            ce = cross_entropy_sum(logits_BTV, batch["labels"]) * ce_scale
-            loss = weight * (ce + sum(aux.values()) / len(micro_batches))
-            loss.backward()
-            loss_sum += loss.detach()
-            ce_sum += weight * ce.detach()
+            loss, ce = engine.forward_backward(batch, weight * ce_scale, weight / len(micro_batches), width, autocast)
+            loss_sum += loss
+            ce_sum += ce
     loss_sum, ce_sum = _dp_mean(loss_sum, ce_sum, layout)
     clip = grad_clip if grad_clip > 0 else math.inf
-    if parallel:
-        grad_norm = clip_grad_norm(list(model.parameters()), clip)
-    else:
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
-    updated = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-    if updated:
-        optimizer.step()
-        if parallel:
-            update_moe_bias(model, layout.dp_group)
-        else:
-            model.update_moe_bias()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm, updated = engine.clip_and_step(clip, bool(torch.isfinite(loss_sum)))
     return StepOutput(float(loss_sum), float(ce_sum), float(grad_norm), updated)
 
 
@@ -125,14 +276,21 @@ def _dp_mean(loss_sum, ce_sum, layout: Layout | None) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(
+    params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """torch's clip_grad_norm_ for gradients that are DTensors on several meshes (TP, FSDP,
-    EP experts) or plain tensors: the 2-norm of the whole model's gradient, then scaling."""
+    EP experts) or plain tensors: the 2-norm of the whole model's gradient, then scaling.
+    pp_group: the pipeline ranks, each holding other stages' gradients (their squared norms
+    are summed over it)."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
     norms = [_full_norm(g) for g in grads]
-    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].dtype) for n in norms]))
+    dtype = norms[0].dtype if norms else torch.float32
+    total = torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms])) if norms else torch.tensor(0.0)
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        squared = (total.double() ** 2).reshape(1)
+        dist.all_reduce(squared, group=pp_group)
+        total = squared[0].sqrt().to(dtype)
     coef = min(1.0, max_norm / (float(total) + 1e-6))
     for grad in grads:
         grad.mul_(coef)

@@ -1,8 +1,10 @@
 """The Trainer: built from a TrainConfig by small build_* functions; `fit()` runs the loop.
 
-The loop is: take grad_accum micro-batches, `train_step`, update counters and the NaN
-guard, call the hooks that are due. SIGTERM or SIGUSR1 ends the loop after the current
-step with a checkpoint (the process then exits 0; rerunning the same command resumes).
+The loop is: take grad_accum micro-batches, `engine_step`, update counters and the NaN
+guard, call the hooks that are due. The engine (braid.train.step) is chosen by the layout:
+one model (one process, TP, FSDP2, EP), this rank's pipeline stages (pp > 1), or DeepSpeed.
+SIGTERM or SIGUSR1 ends the loop after the current step with a checkpoint (the process
+then exits 0; rerunning the same command resumes).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import random
 import signal
 from collections.abc import Iterator
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 
 from braid.elastic.policy import build_policy
-from braid.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from braid.train.checkpoint import PartsState, latest_checkpoint, load_train_state, save_train_state
 from braid.train.config import DataConfig, RunConfig, TrainConfig, config_to_dict, load_config_file, save_config
 from braid.train.distributed import (
     Layout,
@@ -33,11 +36,20 @@ from braid.train.distributed import (
     local_device,
     resplit_loader_state,
 )
-from braid.train.evaluate import evaluate, load_run_tokenizer, sample_text, to_device, val_batches
+from braid.train.evaluate import load_run_tokenizer, sample_text, to_device, val_batches
 from braid.train.hooks import Hook, default_hooks
 from braid.train.metrics import MetricsLogger, ProgressBar, Throughput, device_peak_flops
 from braid.train.optim import build_optimizer, lr_multiplier
-from braid.train.step import NanGuard, StepOutput, train_step
+from braid.train.step import (
+    IGNORE_INDEX,
+    DeepSpeedEngine,
+    Engine,
+    ModelEngine,
+    NanGuard,
+    PipelineEngine,
+    StepOutput,
+    engine_step,
+)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -134,8 +146,89 @@ def build_model(cfg: TrainConfig, device: torch.device, layout: Layout | None = 
     return model
 
 
+def build_pipeline_engine(cfg: TrainConfig, device: torch.device, layout: Layout) -> PipelineEngine:
+    """This rank's pipeline stages, cut by cost (or parallel.pp_cut_points) from the seed's
+    single-process model, each parallelized (TP, EP, AC, compile, FSDP2), one AdamW each."""
+    from braid.model import build_model as build_decoder
+    from braid.parallel import parallelize
+    from braid.parallel.pipeline import build_pipeline
+
+    dims, pcfg = layout.dims, cfg.parallel
+    dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
+    full_state = _cast(build_decoder(cfg.model, device=device, seed=cfg.train.seed), dtype).state_dict()
+
+    def parallelize_part(part: nn.Module) -> nn.Module:
+        return parallelize(_cast(part, dtype), dims, layout.mesh)
+
+    pipeline = build_pipeline(
+        cfg.model, layout.pp_rank, dims.pp, pcfg.pp_schedule, dims.num_microbatches, pcfg.pp_stages_per_rank,
+        group=layout.pp_group, device=device, cut_points=pcfg.pp_cut_points, seq_len=cfg.data.seq_len,
+        parallelize_fn=parallelize_part, mesh=layout.mesh, state_dict=full_state,
+    )
+    for part in pipeline.modules:
+        part.train()
+    optimizers = [build_optimizer(part, cfg.optim, device) for part in pipeline.modules]
+    return PipelineEngine(pipeline, optimizers, layout)
+
+
+def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """train.dtype=float64 holds the whole model in float64 (as build_model does)."""
+    return module.to(dtype) if dtype == torch.float64 else module
+
+
+def build_deepspeed(cfg: TrainConfig, model: nn.Module, layout: Layout) -> DeepSpeedEngine:
+    """A deepspeed engine (ZeRO cfg.parallel.zero_stage) over the parallelized model, with
+    braid's AdamW groups and DeepSpeed clipping at optim.grad_clip."""
+    from braid.parallel.deepspeed import DeepSpeedMPU, build_deepspeed_engine
+
+    engine = build_deepspeed_engine(
+        model, cfg.optim, cfg.parallel.zero_stage, DeepSpeedMPU.from_mesh(layout.mesh),
+        micro_batch_size=cfg.data.batch_size, managed_accumulation=False,
+    )
+    return DeepSpeedEngine(engine, layout)
+
+
+def build_engine(cfg: TrainConfig, device: torch.device, layout: Layout) -> Engine:
+    """The step's engine for the layout: pipeline stages (pp > 1), DeepSpeed, or one model."""
+    if layout.dims.pp > 1:
+        return build_pipeline_engine(cfg, device, layout)
+    model = build_model(cfg, device, layout)
+    if layout.parallel and cfg.parallel.zero_engine == "deepspeed":
+        return build_deepspeed(cfg, model, layout)
+    return ModelEngine(model, build_optimizer(model, cfg.optim, device), layout)
+
+
+def build_train_state(engine: Engine):
+    """What checkpoints save and load: model and optimizer state keyed by single-process names."""
+    if isinstance(engine, DeepSpeedEngine):
+        from braid.parallel.deepspeed import DeepSpeedState
+
+        return DeepSpeedState(engine.engine)
+    return PartsState(engine.parts, engine.optimizers)
+
+
+@torch.no_grad()
+def evaluate_engine(
+    engine: Engine, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast
+) -> dict[str, float]:
+    """Token-weighted mean validation cross-entropy (nats) and perplexity, with the model
+    parts in eval mode (under pp the batches go forward through the pipeline schedule)."""
+    modes = [part.training for part in engine.parts]
+    for part in engine.parts:
+        part.eval()
+    loss_sum, num_targets = 0.0, 0
+    for batch in batches:
+        batch = to_device(batch, device)
+        loss_sum += engine.evaluate_batch(batch, autocast)
+        num_targets += int((batch["labels"] != IGNORE_INDEX).sum())
+    for part, mode in zip(engine.parts, modes):
+        part.train(mode)
+    val_loss = loss_sum / max(num_targets, 1)
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "val_tokens": num_targets}
+
+
 def build_loader(data: DataConfig, seed: int, layout: Layout | None = None):
-    """This rank's loader: data-parallel rank r of n reads shard r of n (TP ranks share one)."""
+    """This rank's loader: data-parallel rank r of n reads shard r of n (TP and PP ranks share one)."""
     from braid.data import PackedLoader
 
     rank, world_size = (layout.dp_rank, layout.dp_size) if layout is not None else (0, 1)
@@ -170,9 +263,9 @@ class Trainer:
         barrier(self.layout)
         self.autocast = build_autocast(cfg.train, self.device)
         seed_everything(cfg.train.seed)
-        self.model = build_model(cfg, self.device, self.layout)
+        self.engine = build_engine(cfg, self.device, self.layout)
+        self.train_state = build_train_state(self.engine)
         self.policy = build_policy(cfg.elastic, cfg.model)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.loader = build_loader(cfg.data, cfg.train.seed, self.layout)
         self.state = TrainState()
         self.nan_guard = NanGuard(cfg.nan_guard.max_consecutive, cfg.nan_guard.max_total)
@@ -188,6 +281,18 @@ class Trainer:
             cfg.train.steps, self.state.step, cfg.log.progress and self.layout.is_main, quiet=not self.layout.is_main
         )
         self._init_loop_state()
+
+    @property
+    def model(self) -> nn.Module:
+        """The model (DeepSpeed: the engine's module); under pp each rank holds stages only."""
+        if len(self.engine.parts) != 1 or self.layout.dims.pp > 1:
+            raise ValueError("under parallel.pp > 1 a rank holds pipeline stages: use trainer.engine.parts")
+        return self.engine.parts[0]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer of a one-model engine (pipeline engines hold one per stage)."""
+        return self.engine.optimizer
 
     def _init_loop_state(self) -> None:
         """What the loop tracks between steps and hooks (derived, so never checkpointed)."""
@@ -229,8 +334,8 @@ class Trainer:
 
     def _advance(self) -> None:
         micro_batches = [to_device(self._next_batch(), self.device) for _ in range(self.cfg.optim.grad_accum)]
-        self.last = train_step(
-            self.model, self.optimizer, micro_batches, self.lr_at(self.state.step),
+        self.last = engine_step(
+            self.engine, micro_batches, self.lr_at(self.state.step),
             self.cfg.optim.grad_clip, self.autocast, widths=self.policy.widths(self.state.step),
             layout=self.layout,
         )
@@ -268,7 +373,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         if self._val_batches is None:
             self._val_batches = val_batches(self.cfg.data, self.cfg.eval.batches)
-        self.last_val = evaluate(self.model, self._val_batches, self.device, self.autocast)
+        self.last_val = evaluate_engine(self.engine, self._val_batches, self.device, self.autocast)
         self.last_val_step = self.state.step
         return self.last_val
 
@@ -285,9 +390,7 @@ class Trainer:
             "nan_guard": self.nan_guard.state_dict(),
             "loaders": gather_loader_states(self.layout, self.loader.state_dict()),
         }
-        path = save_checkpoint(
-            self.run_dir, self.state.step, self.model, self.optimizer, extra, self.cfg.checkpoint.keep_last
-        )
+        path = save_train_state(self.run_dir, self.state.step, self.train_state, extra, self.cfg.checkpoint.keep_last)
         self._saved_step = self.state.step
         return path
 
@@ -295,7 +398,7 @@ class Trainer:
         path = latest_checkpoint(self.run_dir)
         if path is None:
             return None
-        extra = load_checkpoint(path, self.model, self.optimizer)
+        extra = load_train_state(path, self.train_state)
         self.state = TrainState(step=extra["step"], tokens=extra["tokens"])
         self.nan_guard.load_state_dict(extra["nan_guard"])
         # Checkpoints before the parallel trainer hold one loader state under "loader".
