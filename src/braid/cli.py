@@ -1,5 +1,5 @@
 """The `braid` command: train, eval, generate, checkpoint export, plot, configs, data, demo,
-extract, elastic.
+extract, elastic, launch, plan.
 
 User errors (a bad config key, a missing data dir or checkpoint) print one line saying
 what to change and exit 2
@@ -17,10 +17,16 @@ from braid.train.step import TrainingStopped
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from braid.launch.env import export_torch_env
     from braid.train import load_config, train
 
+    export_torch_env()  # under `srun` without torchrun: SLURM's rank variables -> torch's
     overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
     cfg = load_config(args.config, overrides)
+    if args.preflight:
+        from braid.launch.preflight import preflight_for_training
+
+        preflight_for_training(cfg)
     summary = train(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(_summary_line(summary))
@@ -112,6 +118,7 @@ def _add_train(sub) -> None:
     p.add_argument("config", help="a named config (see `braid configs`) or a YAML file")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.lr=1e-3")
     p.add_argument("--out", help="run dir (default: the config's out_dir); resumes if it has a checkpoint")
+    p.add_argument("--preflight", action="store_true", help="GEMM, all-reduce and free memory per rank before training")
     p.set_defaults(func=cmd_train)
 
 
@@ -189,6 +196,7 @@ def _add_distill(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from braid.data.cli import register
     from braid.elastic.cli import register as register_elastic
+    from braid.launch.cli import register as register_launch
 
     parser = argparse.ArgumentParser(prog="braid", description="Pretrain hybrid language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill(sub)
     register(sub)
     register_elastic(sub)
+    register_launch(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 
+from braid.configs import model_config
 from braid.parallel import ParallelConfig, ParallelDims
 from braid.parallel.dims import matformer_bands
 from braid.parallel.testing import run_distributed
@@ -75,14 +76,36 @@ def test_tp_needs_a_divisible_vocab_and_balanced_matformer_bands():
     "world_size, model_cfg, layout, message",
     [
         (4, CFG, dict(ep=4, dp_shard=2, dp_replicate=2), "ep=4 must divide dp_shard=2"),
-        (4, CFG, dict(ep=2, dp_shard=2, tp=2), "ep=2 with tp=2 is not supported"),
         (2, small_cfg("M- A-"), dict(ep=2), "ep=2 but the model has no MoE layer"),
         (8, SIX_EXPERTS, dict(ep=4), "num_experts=6 is not divisible by ep=4"),
+        (4, CFG, dict(ep=2, dp_shard=2, tp=2, sequence_parallel=False), "needs sequence_parallel=true"),
+        (8, CFG, dict(ep=2, dp_shard=2, tp=4), "ep must be tp times a divisor of dp_shard"),
+        (12, CFG, dict(ep=8, dp_shard=3, tp=4), "ep must be tp times a divisor of dp_shard"),
+        (8, CFG, dict(ep=8, dp_shard=2, tp=2, dp_replicate=2), "ep must be tp times a divisor of dp_shard"),
+        (8, SIX_EXPERTS, dict(ep=4, dp_shard=4, tp=2), "num_experts=6 is not divisible by ep=4"),
     ],
 )
 def test_expert_parallel_borrows_data_parallel_ranks(world_size, model_cfg, layout, message):
     with pytest.raises(ValueError, match=message):
         dims(world_size, model_cfg, **layout)
+
+
+@pytest.mark.parametrize(
+    "world_size, layout",
+    [(2, dict(tp=2)), (2, dict(pp=2)), (2, dict(dp_shard=2, ep=2)), (2, dict(tp=2, ep=2)),
+     (8, dict(tp=2, pp=2, dp_shard=2, ep=2)), (8, dict(tp=2, dp_shard=4, ep=8))],
+)
+def test_hybrid_100m_takes_the_gpu_proof_layouts(world_size, layout):
+    assert dims(world_size, model_config("hybrid-100m"), **layout).world_size == world_size
+
+
+def test_expert_parallel_with_tp_spans_the_tp_group():
+    assert dims(2, tp=2, ep=2).ep_spans_tp  # no data parallelism: ep is the TP group
+    assert dims(8, tp=2, dp_shard=4, ep=4).ep_spans_tp
+    assert not dims(4, dp_shard=4, ep=2).ep_spans_tp
+    # The experts are not split by hidden units under EP, so tp need not divide d_expert.
+    odd_experts = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, d_expert=17, d_shared=9))
+    assert dims(4, odd_experts, tp=2, dp_shard=2, ep=2).ep == 2
 
 
 @pytest.mark.parametrize(
@@ -144,10 +167,12 @@ def _mesh_worker(rank, world_size):
         "tp2_dp2": dict(tp=2, dp_shard=2),
         "hsdp": dict(dp_replicate=2, dp_shard=2),
         "ep": dict(dp_shard=4, ep=2),
+        "tp2_ep2": dict(tp=2, dp_shard=2, ep=2),
+        "tp2_ep4": dict(tp=2, dp_shard=2, ep=4),
     }.items():
         d = dims(world_size, **layout)
         world = d.build_mesh("cpu")
-        views = ("tp", "dp", "fsdp", "ep", "dp_shard_mod_ep", "ep_fsdp")
+        views = ("tp", "dp", "fsdp", "ep", "dp_shard_mod_ep", "ep_fsdp", "moe_batch")
         out[name] = {"axes": world.mesh_dim_names, "shape": tuple(world.shape)}
         out[name].update({view: d.get_mesh(view).mesh.tolist() for view in views})
         out[name]["fsdp_axes"] = d.get_mesh("fsdp").mesh_dim_names
@@ -170,3 +195,11 @@ def test_mesh_axes_and_views_on_four_ranks():
         assert out["ep"]["ep"] == [[0, 1], [2, 3]][rank // 2]
         assert out["ep"]["dp_shard_mod_ep"] == [[0, 2], [1, 3]][rank % 2]
         assert out["ep"]["ep_fsdp"] == out["ep"]["dp_shard_mod_ep"]
+        assert out["ep"]["moe_batch"] == out["ep"]["dp"] == [0, 1, 2, 3]
+        # With TP the ep group spans the TP group ({0, 1}, {2, 3}) and ep/tp dp_shard ranks;
+        # the MoE's tokens (aux losses, loads) are split over every data and TP rank.
+        assert out["tp2_ep2"]["ep"] == [[0, 1], [2, 3]][rank // 2]
+        assert out["tp2_ep2"]["ep_fsdp"] == [[0, 2], [1, 3]][rank % 2]
+        assert out["tp2_ep2"]["moe_batch"] == [0, 1, 2, 3]
+        assert out["tp2_ep4"]["ep"] == [0, 1, 2, 3]
+        assert out["tp2_ep4"]["ep_fsdp"] == [rank]

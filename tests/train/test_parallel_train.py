@@ -6,7 +6,7 @@ accumulation and gradient clipping over DTensors of several meshes).
 Parity runs in float64 (train.dtype=float64) within rtol 1e-9, atol 1e-12, the standard of
 tests/parallel (docs/parallel.md: in float32 Adam's division by the gradient RMS amplifies
 the rounding of reordered sums to ~1e-4 in a few steps). The dp2 reference is one process
-whose batch is the two data-parallel ranks' batches stacked (rank 0's rows, then rank 1's).
+reading as two data-parallel ranks (data.read_as_dp=2: rank 0's rows, then rank 1's).
 """
 
 from __future__ import annotations
@@ -29,33 +29,8 @@ TOL64 = dict(rtol=1e-9, atol=1e-12)
 PARITY = ("train.dtype=float64", f"train.steps={STEPS}", "data.batch_size=2", "optim.grad_accum=2")
 
 
-class _StackedLoader:
-    """The global batch of `num_ranks` data-parallel loaders, rows in rank order."""
-
-    def __init__(self, cfg, num_ranks: int):
-        from braid.data import PackedLoader
-
-        self.loaders = [
-            PackedLoader(
-                cfg.data.loader_sources(), split="train", seq_len=cfg.data.seq_len,
-                batch_size=cfg.data.batch_size // num_ranks,
-                seed=cfg.train.seed, rank=rank, world_size=num_ranks,
-            )
-            for rank in range(num_ranks)
-        ]
-
-    def __iter__(self):
-        for batches in zip(*self.loaders):
-            yield {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
-
-    def state_dict(self) -> dict:
-        return {}
-
-
-def _single_process_losses(cfg, dp_size: int = 1) -> dict[int, float]:
+def _single_process_losses(cfg) -> dict[int, float]:
     trainer = Trainer(cfg)
-    if dp_size > 1:
-        trainer.loader = _StackedLoader(cfg, dp_size)
     trainer.fit()
     return train_losses(trainer.run_dir)
 
@@ -83,8 +58,8 @@ def test_tp2_dp2_fsdp_and_ep2_trainers_equal_single_process(data_dir, tmp_path):
     assert steps == [{"tp2": STEPS, "dp2": STEPS, "ep2": STEPS}] * 2
 
     single = _single_process_losses(dataclasses.replace(base, out_dir=str(tmp_path / "one")))
-    stacked_cfg = apply_overrides(base, [f"out_dir={tmp_path / 'one_dp2'}", "data.batch_size=4"])
-    stacked = _single_process_losses(stacked_cfg, dp_size=2)
+    stacked_cfg = apply_overrides(base, [f"out_dir={tmp_path / 'one_dp2'}", "data.batch_size=4", "data.read_as_dp=2"])
+    stacked = _single_process_losses(stacked_cfg)
     assert sorted(single) == list(range(1, STEPS + 1))
     for name, expected in (("tp2", single), ("dp2", stacked), ("ep2", stacked)):
         got = train_losses(tmp_path / name)
@@ -129,3 +104,21 @@ def test_loader_resplit_keeps_same_size_and_restarts_the_next_epoch_otherwise():
     new = resplit_loader_state(old, 2, 3)
     assert (new["rank"], new["world_size"], new["tail"]) == (2, 3, [])
     assert new["sources"][0] | {} == {**old[0]["sources"][0], "epoch": 4, "position": 0, "tokens_taken": 190}
+
+
+def test_read_as_dp_checkpoints_the_shards_of_the_larger_run(data_dir, tmp_path):
+    """One process reading as dp2 saves the two shards' loader states a dp2 run would save,
+    and resumes them exactly: 2 + 2 steps equal 4 uninterrupted steps."""
+    cfg = tiny_config(data_dir, tmp_path / "whole", "train.steps=4", "data.batch_size=4", "data.read_as_dp=2")
+    whole = _single_process_losses(cfg)
+    part = apply_overrides(cfg, [f"out_dir={tmp_path / 'parts'}", "train.steps=2", "checkpoint.every=2"])
+    Trainer(part).fit()
+    resumed = Trainer(apply_overrides(part, ["train.steps=4"]))
+    states = resumed.loader.state_dict()
+    assert [s["rank"] for s in states] == [0, 1] and {s["world_size"] for s in states} == {2}
+    resumed.fit()
+    got = train_losses(tmp_path / "parts")
+    assert sorted(got) == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor([got[s] for s in range(1, 5)]), torch.tensor([whole[s] for s in range(1, 5)]))
+    with pytest.raises(ValueError, match="read_as_dp=3 must be a multiple"):
+        Trainer(apply_overrides(cfg, [f"out_dir={tmp_path / 'bad'}", "data.read_as_dp=3"]))

@@ -93,6 +93,27 @@ def hybrid_1b() -> ModelConfig:
     )
 
 
+def hybrid_100m() -> ModelConfig:
+    """A ~100M hybrid for multi-GPU layout proofs (bench/parallel_gpu.sh): 12 blocks at
+    d_model 768 with Mamba-2 (4), GLA (3), sliding-window attention (3) and full attention
+    at two layers; MoE (3: 8 experts, top-2, one shared), SwiGLU (3) and MatFormer (2) FFNs.
+    Every head, group and expert count is even, so tp2, pp2 and ep2 (up to ep8) validate
+    alone and together. 113M parameters, 89M without the tied embedding."""
+    return ModelConfig(
+        d_model=768,
+        vocab_size=32000,
+        max_seq_len=2048,
+        pattern="M- S512E GF A- M- S512E G- M- S512F A- M- GE",
+        tie_embeddings=True,
+        attention=AttentionConfig(num_heads=12, num_kv_heads=4, window=512),
+        mamba2=Mamba2Config(d_state=64, head_dim=64, n_groups=2, chunk_size=128),
+        gla=GLAConfig(num_heads=6, chunk_size=64),
+        mlp=MLPConfig(d_ff=2048),
+        moe=MoEConfig(num_experts=8, top_k=2, d_expert=256, num_shared_experts=1, d_shared=256),
+        matformer=MatFormerConfig(d_ff=2048),
+    )
+
+
 MAMBA2_HYBRID_8B_PATTERN = "M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-"
 
 
@@ -121,6 +142,7 @@ MODEL_CONFIGS: dict[str, Callable[[], ModelConfig]] = {
     "tiny-gla": tiny_gla,
     "llama-374m": llama_374m,
     "hybrid-374m": hybrid_374m,
+    "hybrid-100m": hybrid_100m,
     "hybrid-1b": hybrid_1b,
     "mamba2-hybrid-8b": mamba2_hybrid_8b,
 }

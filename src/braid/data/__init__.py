@@ -23,13 +23,14 @@ from braid.data.prepare import load_manifest, prepare, unigram_baseline
 from braid.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
-    from braid.data.loader import PackedLoader, SourceSpec
+    from braid.data.loader import PackedLoader, SourceSpec, StackedLoader
 
 __all__ = [
     "DataError",
     "Document",
     "PackedLoader",
     "SourceSpec",
+    "StackedLoader",
     "Tokenizer",
     "download_corpus",
     "expand_inputs",
@@ -43,7 +44,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("PackedLoader", "SourceSpec"):
+    if name in ("PackedLoader", "SourceSpec", "StackedLoader"):
         from braid.data import loader
 
         return getattr(loader, name)

@@ -339,3 +339,27 @@ def _check_state(loader: PackedLoader, state: dict[str, Any]) -> None:
     if saved != mine:
         raise ValueError(f"loader state is for other data (documents, proportion per source: {saved}, "
                          f"this loader: {mine}); resume with the same sources")
+
+
+class StackedLoader:
+    """Several PackedLoaders read as one: each batch is their batches' rows stacked in order
+    (labels and doc ids too). The trainer uses it to read a larger data-parallel run's shards
+    in fewer processes (data.read_as_dp); its state is the list of the loaders' states."""
+
+    def __init__(self, loaders: Sequence[PackedLoader]):
+        if not loaders:
+            raise ValueError("StackedLoader needs at least one loader")
+        self.loaders = list(loaders)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batches in zip(*self.loaders):
+            yield {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [loader.state_dict() for loader in self.loaders]
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        if len(states) != len(self.loaders):
+            raise ValueError(f"{len(states)} loader states for a StackedLoader of {len(self.loaders)} loaders")
+        for loader, state in zip(self.loaders, states):
+            loader.load_state_dict(state)

@@ -13,11 +13,16 @@ unused). Views kept on the dims object (slicing flattened views off the root is 
 |-----------------|----------------------------------------|----------------------------------|
 | dp              | dp_replicate x dp_shard, flattened     | data loading, loss averaging     |
 | fsdp            | (dp_replicate, dp_shard), or dp_shard  | FSDP2 (2-D = HSDP)               |
-| ep              | the inner `ep` ranks of dp_shard       | expert parallelism               |
-| dp_shard_mod_ep | the outer dp_shard / ep ranks          | FSDP of expert weights under EP  |
+| ep              | the inner ep/tp ranks of dp_shard x tp | expert parallelism               |
+| dp_shard_mod_ep | the other dp_shard ranks               | FSDP of expert weights under EP  |
+| ep_fsdp         | dp_shard_mod_ep (x dp_replicate)       | FSDP of MoE layers under EP      |
+| moe_batch       | dp (x tp when ep spans tp), flattened  | MoE aux losses and expert loads  |
 
-Expert parallelism borrows data-parallel ranks (as torchtitan does): ep divides dp_shard, and
-the ranks of one ep group hold different tokens.
+Expert parallelism borrows ranks that hold different tokens (as torchtitan does). With tp=1
+those are data-parallel shard ranks: ep divides dp_shard. With tp > 1 and sequence
+parallelism, each TP rank holds T/tp different tokens at the MoE input, so the ep group spans
+the whole TP group and ep/tp inner dp_shard ranks: ep must be a multiple of tp and ep/tp
+must divide dp_shard (braid.parallel.ep says how the MoE runs there).
 """
 
 from __future__ import annotations
@@ -172,15 +177,24 @@ class ParallelDims:
     def _check_ep(self) -> None:
         if self.ep == 1:
             return
+        if self.tp == 1:
+            _require(
+                self.dp_shard % self.ep == 0,
+                f"ep={self.ep} must divide dp_shard={self.dp_shard}: expert parallelism borrows "
+                "data-parallel shard ranks; change ep or dp_shard",
+            )
+            return
         _require(
-            self.dp_shard % self.ep == 0,
-            f"ep={self.ep} must divide dp_shard={self.dp_shard}: expert parallelism borrows "
-            "data-parallel shard ranks; change ep or dp_shard",
+            self.cfg.sequence_parallel,
+            f"ep={self.ep} with tp={self.tp} needs sequence_parallel=true: the MoE then runs on each TP "
+            "rank's own tokens, which the ep group spans; set parallel.sequence_parallel=true, or ep=1 "
+            "(experts split by hidden units under TP)",
         )
         _require(
-            self.tp == 1,
-            f"ep={self.ep} with tp={self.tp} is not supported: run experts with expert parallelism "
-            "(tp=1) or with tensor parallelism (ep=1)",
+            self.ep % self.tp == 0 and self.dp_shard % (self.ep // self.tp) == 0,
+            f"ep={self.ep} with tp={self.tp}, dp_shard={self.dp_shard}: the ep group spans the whole TP "
+            f"group and ep/tp dp_shard ranks, so ep must be tp times a divisor of dp_shard "
+            f"(e.g. ep={self.tp} or ep={self.tp * self.dp_shard}); change ep",
         )
 
     @property
@@ -199,6 +213,12 @@ class ParallelDims:
     @property
     def ep_enabled(self) -> bool:
         return self.ep > 1
+
+    @property
+    def ep_spans_tp(self) -> bool:
+        """EP with TP: the MoE runs on each TP rank's sequence-parallel tokens, and the ep
+        group is made of the TP group and ep/tp data-parallel shard ranks."""
+        return self.ep > 1 and self.tp > 1
 
     @property
     def fsdp_enabled(self) -> bool:
@@ -221,16 +241,27 @@ class ParallelDims:
         views = {name: mesh[name] for name in MESH_AXES}
         views["dp"] = mesh["dp_replicate", "dp_shard"]._flatten("dp")
         views["fsdp"] = mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else mesh["dp_shard"]
-        # The axis by index: torch 2.11 rejects its name here.
-        dp_shard_axis = MESH_AXES.index("dp_shard")
-        ep_split = mesh._unflatten(dp_shard_axis, (self.dp_shard // self.ep, self.ep), ("dp_shard_mod_ep", "ep"))
-        views["ep"] = ep_split["ep"]
-        views["dp_shard_mod_ep"] = ep_split["dp_shard_mod_ep"]
-        views["ep_fsdp"] = (
-            ep_split["dp_replicate", "dp_shard_mod_ep"] if self.dp_replicate > 1 else ep_split["dp_shard_mod_ep"]
-        )
+        views.update(self._ep_views(mesh))
+        if self.ep_spans_tp:
+            views["moe_batch"] = mesh["dp_replicate", "dp_shard", "tp"]._flatten("moe_batch")
+        else:
+            views["moe_batch"] = views["dp"]
         self.world_mesh, self._meshes = mesh, views
         return mesh
+
+    def _ep_views(self, mesh: DeviceMesh) -> dict[str, DeviceMesh]:
+        ep_in_dp = self.ep // self.tp if self.ep_spans_tp else self.ep
+        inner = "dp_shard_in_ep" if self.ep_spans_tp else "ep"
+        # The axis by index: torch 2.11 rejects its name here.
+        dp_shard_axis = MESH_AXES.index("dp_shard")
+        ep_split = mesh._unflatten(dp_shard_axis, (self.dp_shard // ep_in_dp, ep_in_dp), ("dp_shard_mod_ep", inner))
+        return {
+            "ep": ep_split[inner, "tp"]._flatten("ep") if self.ep_spans_tp else ep_split["ep"],
+            "dp_shard_mod_ep": ep_split["dp_shard_mod_ep"],
+            "ep_fsdp": (
+                ep_split["dp_replicate", "dp_shard_mod_ep"] if self.dp_replicate > 1 else ep_split["dp_shard_mod_ep"]
+            ),
+        }
 
     def get_mesh(self, name: str) -> DeviceMesh:
         """A named view of the world mesh (see the module docstring); after build_mesh."""
@@ -242,7 +273,8 @@ class ParallelDims:
 
     @property
     def ep_mesh(self) -> DeviceMesh:
-        """The 1-D expert-parallel mesh (size ep, inner ranks of dp_shard); after build_mesh."""
+        """The 1-D expert-parallel mesh (size ep: inner ranks of dp_shard, with the TP group when
+        tp > 1); after build_mesh."""
         return self.get_mesh("ep")
 
     def __repr__(self) -> str:
@@ -256,7 +288,7 @@ def check_model(dims: ParallelDims, model_cfg: ModelConfig) -> None:
     """Raise ValueError if `model_cfg` cannot be split as `dims` says."""
     kinds = {spec.mixer for spec in model_cfg.layers} | {spec.ffn for spec in model_cfg.layers}
     if dims.tp > 1:
-        _check_tp(dims.tp, model_cfg, kinds)
+        _check_tp(dims.tp, model_cfg, kinds, dims.ep > 1)
     if dims.ep > 1:
         _require("moe" in kinds, f"ep={dims.ep} but the model has no MoE layer (pattern symbol 'E'); set ep=1")
         _require(
@@ -267,7 +299,8 @@ def check_model(dims: ParallelDims, model_cfg: ModelConfig) -> None:
     _check_pp(dims, model_cfg.resolved_num_layers)
 
 
-def _check_tp(tp: int, cfg: ModelConfig, kinds: set) -> None:
+def _check_tp(tp: int, cfg: ModelConfig, kinds: set, expert_parallel: bool) -> None:
+    """expert_parallel: the MoE layers run on local tokens under EP, their widths unsplit."""
     def divisible(value: int, name: str, why: str = "") -> None:
         _require(value % tp == 0, f"tp={tp} does not divide {name}={value}{why}: choose a tp that divides it")
 
@@ -282,7 +315,7 @@ def _check_tp(tp: int, cfg: ModelConfig, kinds: set) -> None:
         divisible(cfg.mamba2.n_groups, "mamba2.n_groups", " (each B/C and gated-norm group stays on one rank)")
     if "mlp" in kinds:
         divisible(cfg.mlp.d_ff, "mlp.d_ff")
-    if "moe" in kinds:
+    if "moe" in kinds and not expert_parallel:
         divisible(cfg.moe.d_expert, "moe.d_expert")
         if cfg.moe.num_shared_experts > 0:
             d_shared = cfg.moe.d_shared if cfg.moe.d_shared is not None else cfg.moe.d_expert

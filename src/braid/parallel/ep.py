@@ -1,6 +1,7 @@
 """Expert parallelism (EP) for braid's dropless MoE, and MoE aux losses over the global batch.
 
-    apply_ep(model_part, ep_mesh, batch_group=dp_group)   # after TP, before PP / ZeRO
+    apply_ep(model_part, ep_mesh, batch_group=dp_group)   # after TP, before AC / ZeRO
+    apply_ep(model_part, ep_mesh, batch_group=dp_x_tp_group, seq_mesh=tp_mesh)   # with TP
     apply_global_aux_losses(model_part, dp_group)         # data parallel without EP
     update_moe_bias(model_part, dp_group)                 # bias balancing, after each step
 
@@ -31,8 +32,22 @@ over the remaining data-parallel ranks (outside the ep group) then completes the
 so those ranks must average expert gradients as usual and ep ranks must not reduce them
 with each other. EP ranks must hold different tokens (data, context or sequence parallel).
 
+With tensor parallelism (ep > 1, tp > 1; torchtitan's design) the ep group spans the TP
+group and ep/tp data-parallel shard ranks (braid.parallel.dims). Under sequence parallelism
+each TP rank holds T/tp different tokens of the same rows at the MoE input, so the MoE runs
+on those tokens (braid.parallel.tp.moe_local_plan: no gather, experts not split by hidden
+units) and dispatches them over the ep group like any other tokens. The TP ranks share one
+loss, whose gradient is the SUM of their token shares, so a local expert's gradient is
+scaled by 1/(ep/tp), the number of data-parallel ranks in the ep group, not 1/ep; likewise
+the router and shared expert, replicated over the ep group, have their gradients summed over
+it and divided by ep/tp (braid.parallel.styles.BatchReplicated, applied by parallelize),
+and the aux losses' gradients are divided by tp (SequenceLocal), as under plain TP. The aux
+statistics are summed over data x TP ranks (`batch_group`), so the aux losses stay those of
+the global batch.
+
 tokens_per_expert keeps counting local tokens; update_moe_bias sums it over the data-parallel
-group before moving the biases, so every rank moves its replicated bias identically.
+group (and, under TP, over the TP group: `seq_group`) before moving the biases, so every rank
+moves its replicated bias identically.
 
 Legend: E experts, R ep ranks, L local experts (E/R), S routed rows sent by this rank,
 Q rows received by this rank, D d_model, X packed statistics (2E + 2).
@@ -115,9 +130,15 @@ class BatchStatsMoE(MoE):
 
 
 class ExpertParallelMoE(BatchStatsMoE):
-    """An MoE whose experts are sharded over `ep_group`, dispatched by all-to-all."""
+    """An MoE whose experts are sharded over `ep_group`, dispatched by all-to-all.
+
+    expert_grad_scale: 1 / (data-parallel ranks in the ep group), see the module docstring.
+    seq_group: the TP group whose ranks hold other tokens of the same rows, or None.
+    """
 
     ep_group: dist.ProcessGroup
+    expert_grad_scale: float
+    seq_group: dist.ProcessGroup | None = None
 
     def run_experts(self, x_sorted_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_sorted_SD: (S, D) rows sorted by global expert, counts_E: (E,) -> (S, D) outputs."""
@@ -134,27 +155,39 @@ class ExpertParallelMoE(BatchStatsMoE):
             torch.arange(num_local, device=counts_E.device).repeat(num_ranks), recv_counts_RL.flatten()
         )
         order_Q = torch.argsort(local_expert_Q, stable=True)
-        weights = [_ScaleGrad.apply(_local(getattr(self, name)), 1.0 / num_ranks) for name in EXPERT_WEIGHTS]
+        weights = [_ScaleGrad.apply(_local(getattr(self, name)), self.expert_grad_scale) for name in EXPERT_WEIGHTS]
         y_grouped_QD = grouped_swiglu(x_recv_QD[order_Q], recv_counts_RL.sum(dim=0), *weights)
         y_recv_QD = y_grouped_QD[torch.argsort(order_Q)]
         return _AllToAll.apply(y_recv_QD, send_splits, recv_splits, self.ep_group)
 
 
 def apply_ep(
-    model_part: nn.Module, ep_mesh: DeviceMesh, batch_group: dist.ProcessGroup | DeviceMesh | None = None
+    model_part: nn.Module,
+    ep_mesh: DeviceMesh,
+    batch_group: dist.ProcessGroup | DeviceMesh | None = None,
+    seq_mesh: DeviceMesh | None = None,
 ) -> nn.Module:
     """Shard every MoE's experts over the 1-D `ep_mesh` and dispatch tokens by all-to-all.
 
     batch_group: all ranks holding different tokens of the global batch at the MoE input
     (the data-parallel ranks, with context/sequence-parallel ones); the aux losses are
-    reduced over it. Default: the ep group. Expects plain (non-DTensor) expert weights with
-    the same values on every rank, e.g. the full model built from one seed. An ep mesh of
-    size 1 leaves the experts unsharded. Returns model_part, changed in place.
+    reduced over it. Default: the ep group. seq_mesh: with tensor parallelism, the 1-D TP
+    mesh, contained in the ep mesh, whose ranks hold other tokens of the same rows and
+    share one loss (the MoEs must already run on local tokens: apply_tp with
+    expert_parallel=True). Expects plain (non-DTensor) expert weights with the same values
+    on every rank, e.g. the full model built from one seed. An ep mesh of size 1 leaves the
+    experts unsharded. Returns model_part, changed in place.
     """
     if ep_mesh.ndim != 1:
         raise ValueError(f"apply_ep needs a 1-D ep mesh, got {ep_mesh.ndim} dims {ep_mesh.mesh_dim_names}")
     num_ranks = ep_mesh.size()
     ep_group = ep_mesh.get_group()
+    seq_size = 1 if seq_mesh is None else seq_mesh.size()
+    if num_ranks % seq_size:
+        raise ValueError(
+            f"apply_ep: the ep mesh ({num_ranks} ranks) must contain the sequence-parallel mesh "
+            f"({seq_size} ranks); make ep a multiple of tp"
+        )
     for name, moe in _moe_modules(model_part):
         _check_shardable(name, moe, num_ranks)
     for _, moe in _moe_modules(model_part):
@@ -168,6 +201,8 @@ def apply_ep(
         moe.__class__ = ExpertParallelMoE
         moe.ep_group = ep_group
         moe.batch_group = group
+        moe.expert_grad_scale = seq_size / num_ranks
+        moe.seq_group = seq_mesh.get_group() if seq_size > 1 else None
     return model_part
 
 
@@ -187,7 +222,8 @@ def sync_moe_load(model_part: nn.Module, group: dist.ProcessGroup | DeviceMesh |
     """Sum every MoE's tokens_per_expert over the data-parallel `group` (one all-reduce).
 
     The counts must be rank-local (accumulated since the last reset): syncing twice without
-    a reset double counts. No-op for a group of one or None. See update_moe_bias.
+    a reset double counts. MoEs that run on sequence-parallel tokens (EP with TP) are summed
+    over their TP group too. See update_moe_bias.
     """
     _sum_counts([moe for _, moe in _moe_modules(model_part)], group)
 
@@ -207,10 +243,15 @@ def update_moe_bias(model_part: nn.Module, group: dist.ProcessGroup | DeviceMesh
 
 
 def _sum_counts(moes: list[MoE], group: dist.ProcessGroup | DeviceMesh | None) -> None:
-    if group is None or not moes:
-        return
-    group = _as_group(group)
-    if dist.get_world_size(group) == 1:
+    seq_groups = {id(g): g for moe in moes if (g := getattr(moe, "seq_group", None)) is not None}
+    for seq_group in seq_groups.values():
+        _all_reduce_counts([moe for moe in moes if getattr(moe, "seq_group", None) is seq_group], seq_group)
+    if group is not None:
+        _all_reduce_counts(moes, _as_group(group))
+
+
+def _all_reduce_counts(moes: list[MoE], group: dist.ProcessGroup) -> None:
+    if not moes or dist.get_world_size(group) == 1:
         return
     packed_counts = torch.cat([moe.tokens_per_expert for moe in moes])
     dist.all_reduce(packed_counts, group=group)

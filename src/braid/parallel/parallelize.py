@@ -54,7 +54,7 @@ def parallelize(
     if pcfg != dims.cfg:
         raise ValueError("parallelize: pcfg differs from the ParallelConfig the dims were built from")
     if dims.tp > 1:
-        apply_tp(model_part, dims.get_mesh("tp"), pcfg.sequence_parallel)
+        apply_tp(model_part, dims.get_mesh("tp"), pcfg.sequence_parallel, expert_parallel=dims.ep > 1)
     _apply_expert_parallel(model_part, dims)
     apply_ac(model_part, pcfg.activation_checkpointing, pcfg.ac_every)
     if pcfg.compile:
@@ -69,14 +69,25 @@ def _has_moe(model_part: nn.Module) -> bool:
 
 
 def _apply_expert_parallel(model_part: nn.Module, dims: ParallelDims) -> None:
-    """EP shards the experts; without it, data parallelism still needs the MoE aux losses of
-    the global batch (both in braid.parallel.ep)."""
+    """EP shards the experts and replicates the router and shared expert over the ep group
+    (their gradients summed over it, divided by its data-parallel ranks: BatchReplicated);
+    without EP, data parallelism still needs the MoE aux losses of the global batch (both
+    in braid.parallel.ep). With TP the ep group spans the TP ranks (see ParallelDims)."""
     if not _has_moe(model_part) or (dims.ep == 1 and dims.dp == 1):
         return
-    if dims.ep > 1:
-        apply_ep(model_part, dims.ep_mesh, batch_group=dims.get_mesh("dp"))
-    else:
+    if dims.ep == 1:
         apply_global_aux_losses(model_part, dims.get_mesh("dp"))
+        return
+    seq_mesh = dims.get_mesh("tp") if dims.ep_spans_tp else None
+    apply_ep(model_part, dims.ep_mesh, batch_group=dims.get_mesh("moe_batch"), seq_mesh=seq_mesh)
+    data_ranks = dims.ep // dims.tp if dims.ep_spans_tp else dims.ep
+    for moe in _moe_layers(model_part):
+        replicated = [name for name, _ in moe.named_parameters() if name not in EXPERT_WEIGHTS]
+        parallelize_module(moe, dims.ep_mesh, BatchReplicated(replicated, data_ranks=data_ranks))
+
+
+def _moe_layers(model_part: nn.Module) -> list[nn.Module]:
+    return [block.ffn for block in model_part.layers.values() if block.spec.ffn == "moe"]
 
 
 def _apply_zero(model_part: nn.Module, dims: ParallelDims, pcfg: ParallelConfig, device_type: str) -> None:
@@ -94,17 +105,12 @@ def _shard_experts(
 ) -> None:
     """Each MoE is its own FSDP unit over the data-parallel ranks outside the ep group
     (ep_fsdp): its expert weights are sharded over ep already, and its router and shared
-    expert, replicated over ep where the ranks hold different tokens, have their gradients
-    averaged over ep in backward (BatchReplicated) before FSDP averages over ep_fsdp."""
+    expert, replicated over ep, have their gradients reduced over ep in backward
+    (BatchReplicated, applied with EP) before FSDP averages over ep_fsdp."""
     kwargs = dict(mesh=dims.get_mesh("ep_fsdp"), reshard_after_forward=reshard)
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
-    for block in model_part.layers.values():
-        if block.spec.ffn != "moe":
-            continue
-        moe = block.ffn
-        replicated = [name for name, _ in moe.named_parameters() if name not in EXPERT_WEIGHTS]
-        parallelize_module(moe, dims.ep_mesh, BatchReplicated(replicated))
+    for moe in _moe_layers(model_part):
         fully_shard(moe, **kwargs)
 
 

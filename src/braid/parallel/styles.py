@@ -15,7 +15,15 @@ reaching replicated extra outputs (MoE aux losses, equal on every rank) are divi
 number of ranks so that they too are shares.
 
 `BatchReplicated` is the data-parallel counterpart: parameters replicated over ranks that
-hold different tokens (an MoE's router under expert parallelism), gradients averaged.
+hold different tokens (an MoE's router under expert parallelism), gradients summed over them
+and divided by how many of them are data-parallel ranks (the others, sequence-parallel ranks
+of the same rows, hold shares of one loss).
+
+`SequenceLocal` runs a module on this rank's own tokens of the sequence-parallel residual
+stream (an MoE under expert parallelism with TP): no gather, no split weights. Its extra
+outputs (MoE aux losses of the whole batch, equal on every rank) get their gradient divided
+by the TP size, as under PartialSumParallel, because every TP rank backpropagates the same
+loss.
 """
 
 from __future__ import annotations
@@ -210,28 +218,64 @@ class PartialSumParallel(ParallelStyle):
             reduced = partial.redistribute(placements=(self.output_layout,)).to_local()
             if rest is None:
                 return reduced
-            rest = tree_map_only(torch.Tensor, lambda t: _ScaleGrad.apply(t, 1.0 / num_ranks), rest)
-            return (reduced, *rest)
+            return _scale_extra_outputs((reduced, *rest), 1.0 / num_ranks)
 
         module.register_forward_pre_hook(gather_input)
         module.register_forward_hook(reduce_output)
         return module
 
 
+def _scale_extra_outputs(output, scale: float):
+    """Scale the gradient of every tensor output after the first."""
+    if not isinstance(output, tuple):
+        return output
+    rest = tree_map_only(torch.Tensor, lambda t: _ScaleGrad.apply(t, scale), output[1:])
+    return (output[0], *rest)
+
+
+class SequenceLocal(ParallelStyle):
+    """A module run on this rank's own tokens under sequence parallelism: the first input
+    (a DTensor in `input_layout`, Shard(1) on the TP mesh) becomes its local shard, the first
+    output stays this rank's tokens (the local residual stream), and the gradients of further
+    tensor outputs, equal on every rank, are divided by the number of ranks. Its parameters
+    are left alone (expert parallelism distributes an MoE's next)."""
+
+    def __init__(self, *, input_layout: Placement = Shard(1)):
+        super().__init__()
+        self.input_layout = input_layout
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        scale = 1.0 / device_mesh.size()
+
+        def local_input(mod, args):
+            x = args[0]
+            if isinstance(x, DTensor):
+                x = x.redistribute(placements=(self.input_layout,)).to_local()
+            return (x, *args[1:])
+
+        module.register_forward_pre_hook(local_input)
+        module.register_forward_hook(lambda mod, args, output: _scale_extra_outputs(output, scale))
+        return module
+
+
 class BatchReplicated(ParallelStyle):
     """Named parameters (paths relative to the module) replicated over ranks that hold
     different tokens, e.g. an MoE's router and shared expert over the expert-parallel group:
-    Replicate DTensors of that mesh, whose gradients are averaged over it in backward (as
-    data parallelism averages them), so that FSDP can shard the module over the remaining
-    data-parallel ranks together with its expert-parallel weights."""
+    Replicate DTensors of that mesh, whose gradients are summed over it in backward and
+    divided by `data_ranks`, the number of those ranks that hold different data-parallel
+    batches (default: all of them, an average as data parallelism takes; ep/tp when the mesh
+    spans a TP group whose ranks hold shares of one loss). FSDP can then shard the module
+    over the remaining data-parallel ranks together with its expert-parallel weights."""
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], *, data_ranks: int | None = None):
         super().__init__()
         self.paths = list(paths)
+        self.data_ranks = data_ranks
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         _distribute_parameters(module, device_mesh, {path: Replicate() for path in self.paths})
-        group, scale = device_mesh.get_group(), 1.0 / device_mesh.size()
+        data_ranks = device_mesh.size() if self.data_ranks is None else self.data_ranks
+        group, scale = device_mesh.get_group(), 1.0 / data_ranks
 
         def averaged_view(param: DTensor) -> torch.Tensor:
             return _AllReduceGrad.apply(param.to_local(), group, scale)

@@ -20,6 +20,11 @@ outputs are all-reduced. Projections (nn.Linear) use torch's Colwise/RowwisePara
 parameters use braid.parallel.styles (LocalShards, ReplicateParallel, PartialSumParallel).
 After apply_tp every parameter is a DTensor of the TP mesh.
 
+With expert parallelism (ep > 1, which then spans the TP group) the MoE is not split by
+hidden units: it runs on this rank's T/tp tokens of the sequence-parallel residual stream
+(`moe_local_plan`, SequenceLocal) and its parameters are left to braid.parallel.ep, which
+shards the experts over the ep group; apply_tp(..., expert_parallel=True) selects that plan.
+
 Modules compute on local shards: mixers infer their local head count from their inputs
 (braid.model reshapes with -1 heads), MatFormer its local prefix from its local weight.
 
@@ -54,12 +59,20 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from braid.parallel.loss import parallel_cross_entropy
-from braid.parallel.styles import LocalShards, PartialSumParallel, ReplicateParallel
+from braid.parallel.styles import LocalShards, PartialSumParallel, ReplicateParallel, SequenceLocal
 
 Plan = dict[str, ParallelStyle | tuple[ParallelStyle, ...]]
 PlanBuilder = Callable[[nn.Module, Placement], Plan]
 
-__all__ = ["FFN_PLANS", "MIXER_PLANS", "apply_tp", "block_plan", "decoder_plan", "parallel_cross_entropy"]
+__all__ = [
+    "EP_FFN_PLANS",
+    "FFN_PLANS",
+    "MIXER_PLANS",
+    "apply_tp",
+    "block_plan",
+    "decoder_plan",
+    "parallel_cross_entropy",
+]
 
 
 def _mixer_input(residual: Placement) -> PrepareModuleInput:
@@ -137,6 +150,15 @@ def moe_plan(ffn: nn.Module, residual: Placement) -> Plan:
     return {"ffn": PartialSumParallel(placements, input_layout=residual, output_layout=residual)}
 
 
+def moe_local_plan(ffn: nn.Module, residual: Placement) -> Plan:
+    """Under expert parallelism: the MoE runs on this rank's sequence-parallel tokens, its
+    parameters untouched here (braid.parallel.ep shards the experts over the ep group, which
+    spans the TP ranks, and replicates the router and shared expert)."""
+    if not isinstance(residual, Shard):
+        raise ValueError("an MoE under expert and tensor parallelism needs sequence_parallel=True")
+    return {"ffn": SequenceLocal(input_layout=residual)}
+
+
 def matformer_plan(ffn: nn.Module, residual: Placement) -> Plan:
     """Hidden units split over ranks so that every rank holds a share of every nesting band
     (see the module docstring)."""
@@ -156,18 +178,21 @@ MIXER_PLANS: dict[str, PlanBuilder] = {
     "mamba2": mamba2_plan,
 }
 FFN_PLANS: dict[str, PlanBuilder] = {"mlp": mlp_plan, "moe": moe_plan, "matformer": matformer_plan}
+EP_FFN_PLANS: dict[str, PlanBuilder] = {**FFN_PLANS, "moe": moe_local_plan}
 
 
 def _norm_style(sequence_parallel: bool) -> ParallelStyle:
     return SequenceParallel() if sequence_parallel else ReplicateParallel()
 
 
-def block_plan(block: nn.Module, sequence_parallel: bool = True) -> Plan:
-    """The TP plan of one Block: its norms plus the plans of its mixer and FFN kinds."""
+def block_plan(block: nn.Module, sequence_parallel: bool = True, expert_parallel: bool = False) -> Plan:
+    """The TP plan of one Block: its norms plus the plans of its mixer and FFN kinds
+    (EP_FFN_PLANS when the MoE experts are expert-parallel)."""
     residual = Shard(1) if sequence_parallel else Replicate()
     spec = block.spec
     plan: Plan = {}
-    for sublayer, kind, registry in (("mixer", spec.mixer, MIXER_PLANS), ("ffn", spec.ffn, FFN_PLANS)):
+    ffn_plans = EP_FFN_PLANS if expert_parallel else FFN_PLANS
+    for sublayer, kind, registry in (("mixer", spec.mixer, MIXER_PLANS), ("ffn", spec.ffn, ffn_plans)):
         if kind is None:
             continue
         if kind not in registry:
@@ -209,27 +234,38 @@ def apply_plan(module: nn.Module, tp_mesh: DeviceMesh, plan: Plan) -> None:
             parallelize_module(target, tp_mesh, style)
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True) -> nn.Module:
+def apply_tp(
+    model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True, expert_parallel: bool = False
+) -> nn.Module:
     """Shard a Decoder (or a pipeline stage of one) over the 1-D `tp_mesh`, in place.
 
     The model must hold the same weights on every rank (built from one seed, or on meta).
     Its logits come out as DTensors sharded on the vocab: use parallel_cross_entropy. With
     sequence_parallel the sequence length must be a multiple of the TP size.
+    expert_parallel: the MoE layers run on local tokens and keep their parameters whole,
+    for braid.parallel.ep.apply_ep to shard next (needs sequence_parallel).
     """
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tp needs a 1-D tp mesh, got dims {tp_mesh.mesh_dim_names}")
-    plans = {key: block_plan(block, sequence_parallel) for key, block in model.layers.items()}
+    plans = {key: block_plan(block, sequence_parallel, expert_parallel) for key, block in model.layers.items()}
     apply_plan(model, tp_mesh, decoder_plan(model, sequence_parallel))
     for key, block in model.layers.items():
         apply_plan(block, tp_mesh, plans[key])
-    _check_all_sharded(model)
+    _check_all_sharded(model, skip_moe=expert_parallel)
     if sequence_parallel and model.tok_embeddings is not None:
         model.register_forward_pre_hook(_sequence_length_check(tp_mesh.size()), with_kwargs=True)
     return model
 
 
-def _check_all_sharded(model: nn.Module) -> None:
-    plain = [name for name, param in model.named_parameters() if not isinstance(param, DTensor)]
+def _check_all_sharded(model: nn.Module, skip_moe: bool) -> None:
+    moe_prefixes = tuple(
+        f"layers.{key}.ffn." for key, block in model.layers.items() if skip_moe and block.spec.ffn == "moe"
+    )
+    plain = [
+        name
+        for name, param in model.named_parameters()
+        if not isinstance(param, DTensor) and not (moe_prefixes and name.startswith(moe_prefixes))
+    ]
     if plain:
         raise ValueError(
             f"tensor parallelism left parameters {plain[:4]} out of every plan; add their modules to the "

@@ -49,8 +49,16 @@ class DataConfig:
     mixture: list[DataSource] = field(default_factory=list)
     seq_len: int = 256
     batch_size: int = 8  # sequences per micro-batch
+    # Read each micro-batch as `read_as_dp` data-parallel ranks would, their rows stacked in
+    # rank order: a run of fewer ranks then trains on the batches of a larger data-parallel
+    # run (e.g. one GPU reproducing a dp2 run's data). 1: this run's own dp ranks.
+    read_as_dp: int = 1
 
     def __post_init__(self) -> None:
+        _require(
+            isinstance(self.read_as_dp, int) and self.read_as_dp >= 1,
+            f"data.read_as_dp must be an int >= 1, got {self.read_as_dp!r}",
+        )
         _require(
             bool(self.path) != bool(self.mixture),
             "set exactly one of data.path (a dir made by `braid data prepare`) or data.mixture "

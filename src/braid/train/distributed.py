@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from braid.parallel import ParallelDims
 from braid.parallel.pipeline import split_layers
-from braid.train.config import TrainConfig
+from braid.train.config import DataConfig, TrainConfig
 
 
 @dataclass
@@ -76,6 +76,7 @@ def check_layout(cfg: TrainConfig) -> ParallelDims:
     dims = ParallelDims(pcfg, env_world_size(), cfg.model)
     if dims.pp > 1:  # the stage split's own checks (tied embeddings, cut points), before any model work
         split_layers(cfg.model, dims.num_stages, pcfg.pp_cut_points, seq_len=cfg.data.seq_len)
+    virtual_dp_ranks(cfg.data, 0, dims.dp_replicate * dims.dp_shard)  # data.read_as_dp fits the dp size
     return dims
 
 
@@ -167,3 +168,17 @@ def resplit_loader_state(states: list[dict[str, Any]], dp_rank: int, dp_size: in
         for per_rank in zip(*(s["sources"] for s in states))
     ]
     return state
+
+
+def virtual_dp_ranks(data: DataConfig, dp_rank: int, dp_size: int) -> list[int]:
+    """The data-parallel shards (of data.read_as_dp, or of dp_size) that dp rank `dp_rank` reads."""
+    if data.read_as_dp == 1:
+        return [dp_rank]
+    per_rank, rest = divmod(data.read_as_dp, dp_size)
+    if rest or per_rank == 0 or data.batch_size % per_rank:
+        raise ValueError(
+            f"data.read_as_dp={data.read_as_dp} must be a multiple of the data-parallel size {dp_size}, and "
+            f"data.batch_size={data.batch_size} a multiple of read_as_dp/dp = {max(per_rank, 1)}; "
+            "change data.read_as_dp (1: read as this run's own ranks)"
+        )
+    return list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))

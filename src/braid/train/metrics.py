@@ -47,13 +47,25 @@ class Throughput:
         self._tokens += tokens
 
     def rate(self) -> dict[str, float | None]:
+        """tokens_per_s and mfu over the window, and peak_mem_gib (peak_memory_gib)."""
         now = time.perf_counter()
         tokens_per_s = self._tokens / max(now - self._start, 1e-9)
         self._start, self._tokens = now, 0
         mfu = None
         if self.peak_flops:
             mfu = self.flops_per_token * tokens_per_s / self.peak_flops
-        return {"tokens_per_s": tokens_per_s, "mfu": mfu}
+        return {"tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_gib": peak_memory_gib()}
+
+
+def peak_memory_gib() -> float | None:
+    """The most CUDA memory this process's tensors held on its current device since the
+    previous call (torch.cuda.max_memory_allocated, GiB; the peak is reset after reading);
+    None when CUDA is not in use (CPU runs)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
 
 
 def _json_value(value: Any) -> Any:

@@ -5,7 +5,8 @@ Shapes: B batch, T time, V vocab.
 `engine_step` is the step of every layout; what differs is the engine, a small object that
 runs forward and backward of one micro-batch and then clips and steps:
 
-    ModelEngine      one model and its optimizer: one process, TP, FSDP2, EP (DTensors)
+    ModelEngine      one model and its optimizer: one process, TP, FSDP2, EP (DTensors);
+                     in one process the head and the loss run fused (no full logits)
     PipelineEngine   this rank's pipeline stages (braid.parallel.pipeline), one optimizer each
     DeepSpeedEngine  a deepspeed engine (ZeRO 1/2/3; TP on local shards), pp = 1
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from braid.kernels.cross_entropy import linear_cross_entropy
 from braid.parallel import parallel_cross_entropy
 from braid.parallel.ep import update_moe_bias
 from braid.parallel.pipeline import Pipeline, pipeline_eval, pipeline_step
@@ -62,6 +64,14 @@ def cross_entropy_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torc
     if int(num_valid) == 0:  # the mean would be NaN; keep the graph for backward
         return logits_BTV.to_local().sum() * 0.0
     return parallel_cross_entropy(logits_BTV, labels_BT, ignore_index=IGNORE_INDEX) * num_valid
+
+
+def linear_cross_entropy_sum(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """cross_entropy_sum of the logits hidden_BTD @ weight_VD^T, computed by the fused
+    linear + cross-entropy kernel (braid.kernels.cross_entropy) without the full logits."""
+    return linear_cross_entropy(
+        hidden_BTD.flatten(0, 1), weight_VD, labels_BT.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 class Engine(Protocol):
@@ -100,8 +110,14 @@ class ModelEngine:
 
     def forward_backward(self, batch, ce_scale, aux_scale, width, autocast):
         with autocast:
-            logits_BTV, aux = self.model(batch["input_ids"], batch["doc_ids"], widths=width, return_aux=True)
-        ce = cross_entropy_sum(logits_BTV, batch["labels"]) * ce_scale
+            if self.parallel:
+                logits_BTV, aux = self.model(batch["input_ids"], batch["doc_ids"], widths=width, return_aux=True)
+                ce = cross_entropy_sum(logits_BTV, batch["labels"]) * ce_scale
+            else:  # the head and the loss fused: the (tokens x vocab) logits are never held at once
+                hidden_BTD, aux = self.model(
+                    batch["input_ids"], batch["doc_ids"], widths=width, return_aux=True, return_hidden=True
+                )
+                ce = linear_cross_entropy_sum(hidden_BTD, self.model.head_weight, batch["labels"]) * ce_scale
         loss = ce + sum(aux.values()) * aux_scale
         loss.backward()
         return loss.detach(), ce.detach()

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from braid.elastic.policy import build_policy
@@ -35,6 +36,7 @@ from braid.train.distributed import (
     gather_loader_states,
     local_device,
     resplit_loader_state,
+    virtual_dp_ranks,
 )
 from braid.train.evaluate import load_run_tokenizer, sample_text, to_device, val_batches
 from braid.train.hooks import Hook, default_hooks
@@ -228,14 +230,23 @@ def evaluate_engine(
 
 
 def build_loader(data: DataConfig, seed: int, layout: Layout | None = None):
-    """This rank's loader: data-parallel rank r of n reads shard r of n (TP and PP ranks share one)."""
-    from braid.data import PackedLoader
+    """This rank's loader: data-parallel rank r of n reads shard r of n (TP and PP ranks share one).
+
+    With data.read_as_dp = m (a multiple of n) rank r reads the shards r*m/n ... (r+1)*m/n - 1
+    of m, batch_size*n/m rows each, stacked: the run sees the global batches of an m-rank run.
+    """
+    from braid.data import PackedLoader, StackedLoader
 
     rank, world_size = (layout.dp_rank, layout.dp_size) if layout is not None else (0, 1)
-    return PackedLoader(
-        data.loader_sources(), split="train", seq_len=data.seq_len, batch_size=data.batch_size, seed=seed,
-        rank=rank, world_size=world_size,
-    )
+    virtual = virtual_dp_ranks(data, rank, world_size)
+    loaders = [
+        PackedLoader(
+            data.loader_sources(), split="train", seq_len=data.seq_len, batch_size=data.batch_size // len(virtual),
+            seed=seed, rank=v, world_size=world_size * len(virtual),
+        )
+        for v in virtual
+    ]
+    return loaders[0] if len(loaders) == 1 else StackedLoader(loaders)
 
 
 class _NoMetrics:
@@ -323,7 +334,7 @@ class Trainer:
         """Train to train.steps (or until a stop signal); returns a summary of the run."""
         try:
             with self._stop_signals():
-                while self.state.step < self.cfg.train.steps and self.stop_signal is None:
+                while self.state.step < self.cfg.train.steps and not self._stop_agreed():
                     self._advance()
                     self._call_hooks()
                 self._finish()
@@ -388,7 +399,9 @@ class Trainer:
             "step": self.state.step,
             "tokens": self.state.tokens,
             "nan_guard": self.nan_guard.state_dict(),
-            "loaders": gather_loader_states(self.layout, self.loader.state_dict()),
+            "loaders": [
+                state for states in gather_loader_states(self.layout, self._loader_states()) for state in states
+            ],
         }
         path = save_train_state(self.run_dir, self.state.step, self.train_state, extra, self.cfg.checkpoint.keep_last)
         self._saved_step = self.state.step
@@ -403,8 +416,26 @@ class Trainer:
         self.nan_guard.load_state_dict(extra["nan_guard"])
         # Checkpoints before the parallel trainer hold one loader state under "loader".
         states = extra["loaders"] if "loaders" in extra else [extra["loader"]]
-        self.loader.load_state_dict(resplit_loader_state(states, self.layout.dp_rank, self.layout.dp_size))
+        virtual = virtual_dp_ranks(self.cfg.data, self.layout.dp_rank, self.layout.dp_size)
+        mine = [resplit_loader_state(states, v, self.layout.dp_size * len(virtual)) for v in virtual]
+        self.loader.load_state_dict(mine[0] if len(mine) == 1 else mine)
         return path
+
+    def _loader_states(self) -> list[dict[str, Any]]:
+        """This rank's loader states, one per data-parallel shard it reads (data.read_as_dp)."""
+        state = self.loader.state_dict()
+        return state if isinstance(state, list) else [state]
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank got a stop signal. Ranks receive it at different moments; without
+        agreeing, one could start checkpointing (a collective) while another starts a step."""
+        if not self.layout.parallel:
+            return self.stop_signal is not None
+        flag = torch.tensor([self.stop_signal is not None], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.stop_signal is None:
+            self.stop_signal = "stop signal on another rank"
+        return bool(flag.item())
 
     @contextlib.contextmanager
     def _stop_signals(self):
