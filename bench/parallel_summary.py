@@ -4,8 +4,9 @@ metrics.jsonl (log.every=1, so one train row per step).
     python3 bench/parallel_summary.py bench_out/parallel
 
 Columns: layout, processes, status, steps logged, max |loss - 1gpu loss| over the first 10
-steps (and whether the layout read the 1-GPU batches: tp and pp do, data-parallel layouts
-read other documents), median step time after WARMUP steps (tokens per step / tokens_per_s),
+steps against the one-GPU run that read the same global batches (1gpu for tp and pp layouts,
+1gpu_dpN, which reads as N data-parallel ranks with data.read_as_dp=N, for layouts with N
+data-parallel ranks), median step time after WARMUP steps (tokens per step / tokens_per_s),
 median tokens/s, and the largest peak memory (GiB, rank 0's GPU) of any logged step.
 """
 
@@ -29,14 +30,20 @@ def read_rows(run_dir: Path) -> list[dict]:
     return [row for row in rows if "loss" in row]
 
 
-def same_batches(name: str, nproc: int) -> bool:
+def data_parallel_size(name: str, nproc: int) -> int:
     """tp and pp split each batch; every other factor of the world is data parallel."""
     model_parallel = 1
     for axis in ("tp", "pp"):
         for part in name.split("_"):
             if part.startswith(axis) and part[len(axis) :].isdigit():
                 model_parallel *= int(part[len(axis) :])
-    return model_parallel == nproc
+    return nproc // model_parallel
+
+
+def baseline_for(name: str, nproc: int) -> str:
+    """The one-GPU run that read the same global batches: 1gpu, or 1gpu_dpN (data.read_as_dp=N)."""
+    dp = data_parallel_size(name, nproc)
+    return BASELINE if dp == 1 else f"{BASELINE}_dp{dp}"
 
 
 def step_times(rows: list[dict]) -> list[float]:
@@ -64,10 +71,9 @@ def fmt(value: float | None, spec: str) -> str:
 
 def summarize(out: Path) -> str:
     layouts = [line.split("\t") for line in (out / "layouts.tsv").read_text().splitlines() if line.strip()]
-    base = read_rows(out / BASELINE)
     lines = [
-        f"| layout | procs | status | steps | max abs loss diff vs {BASELINE} (first {COMPARE_STEPS}) "
-        "| same batches | step time s (median) | tokens/s (median) | peak mem GiB (rank 0) |",
+        f"| layout | procs | status | steps | max abs loss diff (first {COMPARE_STEPS}) "
+        "| vs (same batches) | step time s (median) | tokens/s (median) | peak mem GiB (rank 0) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, nproc, status, _took, _command in layouts:
@@ -76,10 +82,11 @@ def summarize(out: Path) -> str:
         rates = [r["tokens_per_s"] for r in rows[WARMUP:] if isinstance(r.get("tokens_per_s"), (int, float))]
         peaks = [r["peak_mem_gib"] for r in rows if isinstance(r.get("peak_mem_gib"), (int, float))]
         peak = max(peaks) if peaks else None
-        diff = None if name == BASELINE else loss_diff(rows, base)
+        reference = baseline_for(name, int(nproc))
+        diff = None if name.startswith(BASELINE) else loss_diff(rows, read_rows(out / reference))
         lines.append(
             f"| {name} | {nproc} | {status} | {len(rows)} | {fmt(diff, '.2e')} | "
-            f"{'yes' if same_batches(name, int(nproc)) else 'no (dp)'} | "
+            f"{'-' if name.startswith(BASELINE) else reference} | "
             f"{fmt(statistics.median(times) if times else None, '.3f')} | "
             f"{fmt(statistics.median(rates) if rates else None, ',.0f')} | {fmt(peak, '.2f')} |"
         )
