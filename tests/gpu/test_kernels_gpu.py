@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from braid.configs import model_config
-from braid.kernels.attention import attention
+from braid.kernels.attention import FLEX_MIN_LEN, attention
 from braid.kernels.attention.reference import attention_reference
 from braid.kernels.backend import available, pick, unavailable_reason, use_backends
 from braid.kernels.cross_entropy import linear_cross_entropy
@@ -113,13 +113,24 @@ def run_with_grads(fn, leaves: dict, seed: int = 1):
     return [o.detach() for o in outs], dict(zip(names, grads))
 
 
-def assert_parity(fast, ref, tol: float, grad_tol: float | None = None) -> None:
+def assert_parity(fast, ref, tol: float, grad_tol: float | None = None, zero_grads: tuple[str, ...] = ()) -> None:
+    """Outputs and gradients relatively close. `zero_grads` names gradients that are exactly 0
+    in exact arithmetic (e.g. dq of attention over one key: the softmax of one score has no
+    gradient); a relative error is meaningless there, so both the fast and the reference
+    gradient must be below tol times the call's largest other reference gradient norm."""
     (outs, grads), (ref_outs, ref_grads) = fast, ref
+    grad_tol = tol if grad_tol is None else grad_tol
     for i, (out, ref_out) in enumerate(zip(outs, ref_outs, strict=True)):
         assert out.dtype == ref_out.dtype, f"output {i}: dtype {out.dtype} != {ref_out.dtype}"
         assert_rel_close(out, ref_out, tol, f"output {i}")
+    scale = max(float(g.double().norm()) for name, g in ref_grads.items() if name not in zero_grads)
     for name, ref_grad in ref_grads.items():
-        assert_rel_close(grads[name], ref_grad, tol if grad_tol is None else grad_tol, f"grad {name}")
+        if name in zero_grads:
+            for which, g in (("fast", grads[name]), ("reference", ref_grad)):
+                size = float(g.double().norm())
+                assert size <= grad_tol * scale, f"grad {name} ({which}) should be ~0: {size:.2e} vs scale {scale:.2e}"
+        else:
+            assert_rel_close(grads[name], ref_grad, grad_tol, f"grad {name}")
 
 
 def require(op: str, backend: str) -> None:
@@ -307,7 +318,8 @@ def test_gla(dtype, T, docs, with_state):
         assert pick("gla", *leaves.values()) == "fla"
         fast = run_with_grads(lambda **kw: gla(**kw, **kwargs), leaves)
     ref = run_with_grads(lambda **kw: gla_chunked(**kw, **kwargs), leaves)
-    assert_parity(fast, ref, _tol(dtype))
+    # One token from a zero state: output and final state do not depend on the gate.
+    assert_parity(fast, ref, _tol(dtype), zero_grads=("g_BTHK",) if T == 1 and not with_state else ())
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
@@ -359,11 +371,13 @@ def test_attention(case):
         for name, heads in (("q_BTHD", H), ("k_BSJD", J), ("v_BSJD", J))
     }
     kwargs = dict(window=window, doc_ids_BT=doc_ids_for(B, T) if docs else None)
-    with use_backends(f"attention={backend}"):
-        assert pick("attention", *leaves.values()) == backend
+    # Below one 128-token block auto passes flex by for the next backend (FLEX_MIN_LEN).
+    expected = "torch_flash" if backend == "flex" and T < FLEX_MIN_LEN else backend
+    with use_backends("auto" if expected != backend else f"attention={backend}"):
+        assert pick("attention", *leaves.values()) == expected
         fast = run_with_grads(lambda **kw: attention(**kw, **kwargs), leaves)
     ref = run_with_grads(lambda **kw: attention_reference(**kw, **kwargs), leaves)
-    assert_parity(fast, ref, _tol(dtype))
+    assert_parity(fast, ref, _tol(dtype), zero_grads=("q_BTHD",) if T == 1 else ())
 
 
 # Norms, SwiGLU, linear cross-entropy, MoE.

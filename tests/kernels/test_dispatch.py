@@ -151,15 +151,22 @@ def test_attention_dispatch_routes_windows_and_documents(fake_gpu, monkeypatch):
     fake = SimpleNamespace(
         causal_sdpa=lambda q, k, v, scale: calls.append(("sdpa", None, None)) or q,
         attention_flex=lambda q, k, v, window, doc_ids_BT, scale: calls.append(("flex", window, doc_ids_BT)) or q,
+        attention_torch_flash=lambda q, k, v, window, doc_ids_BT, scale: calls.append(("torch_flash", window, None))
+        or q,
     )
     monkeypatch.setattr(attention_module, "backend_module", lambda op, name: fake)
-    q = torch.randn(1, 6, 2, 4)
-    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    T = attention_module.FLEX_MIN_LEN + 2
+    q = torch.randn(1, T, 2, 4)
+    doc_ids = (torch.arange(T) >= T // 2).long()[None]
     attention_module.attention(q, q, q)
-    attention_module.attention(q, q, q, window=6)  # a window covering T is full causal
+    attention_module.attention(q, q, q, window=T)  # a window covering T is full causal
     attention_module.attention(q, q, q, window=3)
     attention_module.attention(q, q, q, window=8, doc_ids_BT=doc_ids)
-    assert calls == [("sdpa", None, None), ("sdpa", None, None), ("flex", 3, None), ("flex", None, doc_ids)]
+    short = torch.randn(1, 6, 2, 4, dtype=torch.bfloat16)
+    attention_module.attention(short, short, short, window=3)  # under one flex block
+    assert calls == [
+        ("sdpa", None, None), ("sdpa", None, None), ("flex", 3, None), ("flex", 8, doc_ids), ("torch_flash", 3, None)
+    ]
 
 
 # Doc ids -> varlen segments.

@@ -256,12 +256,19 @@ class ParallelDims:
         dp_shard_axis = MESH_AXES.index("dp_shard")
         ep_split = mesh._unflatten(dp_shard_axis, (self.dp_shard // ep_in_dp, ep_in_dp), ("dp_shard_mod_ep", inner))
         return {
-            "ep": ep_split[inner, "tp"]._flatten("ep") if self.ep_spans_tp else ep_split["ep"],
+            "ep": self._ep_mesh_spanning_tp(mesh, ep_in_dp) if self.ep_spans_tp else ep_split["ep"],
             "dp_shard_mod_ep": ep_split["dp_shard_mod_ep"],
             "ep_fsdp": (
                 ep_split["dp_replicate", "dp_shard_mod_ep"] if self.dp_replicate > 1 else ep_split["dp_shard_mod_ep"]
             ),
         }
+
+    def _ep_mesh_spanning_tp(self, mesh: DeviceMesh, ep_in_dp: int) -> DeviceMesh:
+        """The ep mesh over (inner ep_in_dp ranks of dp_shard) x tp, flattened, built from the
+        rank grid (slicing an unflattened axis together with "tp" is refused by torch 2.11)."""
+        ranks = mesh.mesh.reshape(self.pp, self.dp_replicate, self.dp_shard // ep_in_dp, ep_in_dp, self.tp)
+        groups = ranks.reshape(-1, ep_in_dp * self.tp)  # one row per ep group, dp_shard_in_ep outer
+        return DeviceMesh(mesh.device_type, groups, mesh_dim_names=("ep_outer", "ep"))["ep"]
 
     def get_mesh(self, name: str) -> DeviceMesh:
         """A named view of the world mesh (see the module docstring); after build_mesh."""

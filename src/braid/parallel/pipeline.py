@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import inspect
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -41,6 +43,10 @@ from braid.model.flops import layer_flops, layer_params
 from braid.model.init import init_weights
 from braid.parallel.loss import parallel_cross_entropy
 from braid.parallel.parallelize import distribute_full_model
+
+# Whether PipelineStage can rebuild received DTensors (TP activations) from mesh dim names;
+# torch versions without it (2.11) pipeline only plain tensors, i.e. tp = 1.
+STAGE_TAKES_MESH = "get_mesh" in inspect.signature(PipelineStage.__init__).parameters
 
 IGNORE_INDEX = -100
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -276,11 +282,11 @@ def build_schedule(
     mesh: the world mesh, from which a stage rebuilds the DTensors (TP/SP activations) it
     receives; their mesh is found by its dim names.
     """
-    get_mesh = None if mesh is None else (lambda dim_names, layout: mesh[tuple(dim_names)])
-    stages = [
-        PipelineStage(module, s, num_stages, torch.device(device), group=group, get_mesh=get_mesh)
-        for module, s in zip(modules, stage_ids)
-    ]
+    extra = {}
+    if mesh is not None and STAGE_TAKES_MESH:
+        extra["get_mesh"] = lambda dim_names, layout: mesh[tuple(dim_names)]
+    stages = [PipelineStage(module, s, num_stages, torch.device(device), group=group, **extra)
+              for module, s in zip(modules, stage_ids)]
     # The loss is already divided by the step's target count and the aux losses carry
     # aux_scale, so per-microbatch gradients are summed, never averaged again.
     kwargs = dict(n_microbatches=microbatches, loss_fn=_microbatch_cross_entropy, scale_grads=False)

@@ -70,11 +70,18 @@ def attention(
     )
 
 
+# Below one 128-token block, inductor finds no FlexAttention kernel for document masks
+# (NoValidChoicesError; torch 2.11, H200, seen 2026-11-28): such short calls take the next backend.
+FLEX_MIN_LEN = 128
+
+
 def _unsupported_backends(q_BTHD: Tensor, v_BSJD: Tensor, window: int | None, doc_ids_BT: Tensor | None) -> list[str]:
     """Fast backends that cannot run this call (positions are never sent to them)."""
     unsupported = []
     if window is not None or doc_ids_BT is not None:
         unsupported.append("sdpa")
+    if q_BTHD.shape[1] < FLEX_MIN_LEN:
+        unsupported.append("flex")
     head_dim = q_BTHD.shape[-1]
     if q_BTHD.dtype not in (torch.float16, torch.bfloat16) or v_BSJD.shape[-1] != head_dim or head_dim > 256:
         unsupported += ["flash_attn", "torch_flash"]
