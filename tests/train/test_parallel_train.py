@@ -122,3 +122,15 @@ def test_read_as_dp_checkpoints_the_shards_of_the_larger_run(data_dir, tmp_path)
     torch.testing.assert_close(torch.tensor([got[s] for s in range(1, 5)]), torch.tensor([whole[s] for s in range(1, 5)]))
     with pytest.raises(ValueError, match="read_as_dp=3 must be a multiple"):
         Trainer(apply_overrides(cfg, [f"out_dir={tmp_path / 'bad'}", "data.read_as_dp=3"]))
+
+
+def test_pipeline_refused_on_a_torch_without_microbatch_steps(data_dir, tmp_path, monkeypatch):
+    """torch 2.11's schedules split the batch themselves: pp is refused before any model work."""
+    from braid.train import distributed
+
+    cfg = tiny_config(data_dir, tmp_path / "run", "model.tie_embeddings=false", "parallel.pp=2", "log.sample_every=0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert check_layout(cfg).pp == 2
+    monkeypatch.setattr(distributed, "SCHEDULE_TAKES_MICROBATCHES", False)
+    with pytest.raises(ValueError, match="set parallel.pp=1 or use a newer torch"):
+        check_layout(cfg)

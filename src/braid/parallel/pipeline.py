@@ -47,6 +47,9 @@ from braid.parallel.parallelize import distribute_full_model
 # Whether PipelineStage can rebuild received DTensors (TP activations) from mesh dim names;
 # torch versions without it (2.11) pipeline only plain tensors, i.e. tp = 1.
 STAGE_TAKES_MESH = "get_mesh" in inspect.signature(PipelineStage.__init__).parameters
+# Whether a schedule's step takes microbatches already split (arg_mbs, kwarg_mbs, target_mbs)
+# and loss keywords, which pipeline_step uses; torch 2.11's step splits the batch itself.
+SCHEDULE_TAKES_MICROBATCHES = "arg_mbs" in inspect.signature(PipelineScheduleSingle.step).parameters
 
 IGNORE_INDEX = -100
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
