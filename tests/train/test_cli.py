@@ -55,3 +55,14 @@ def test_configs_lists_every_named_config(capsys):
     code, out, _ = run(capsys, "configs")
     assert code == 0
     assert [line.split()[0] for line in out.splitlines()] == list(TRAIN_CONFIGS)
+
+
+def test_overrides_may_follow_options():
+    from braid.cli import parse_args
+
+    args = parse_args(["plan", "mamba2-hybrid-8b", "--nodes", "8", "parallel.tp=2", "--gpus-per-node", "8", "parallel.pp=2"])
+    assert args.overrides == ["parallel.tp=2", "parallel.pp=2"] and args.nodes == 8
+    args = parse_args(["train", "tiny-hybrid", "train.steps=3", "--out", "runs/x", "optim.lr=1e-3"])
+    assert args.overrides == ["train.steps=3", "optim.lr=1e-3"]
+    with pytest.raises(SystemExit):
+        parse_args(["train", "tiny-hybrid", "--bogus"])
