@@ -111,8 +111,9 @@ class _GradRecorder(torch.optim.SGD):
                 self.grads[self.names[id(p)]] = p.grad.clone()
 
 
-def test_train_step_sums_weighted_losses_of_each_width():
-    model = _tiny_model()
+def _step_equals_weighted_losses(model, widths) -> dict[str, torch.Tensor]:
+    """train_step with (width, weight) pairs: its loss and gradients equal the weighted sum of
+    the model's cross-entropies at each width (float64, 1e-12). Returns the step's gradients."""
     reference = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
     batch = {
@@ -120,7 +121,6 @@ def test_train_step_sums_weighted_losses_of_each_width():
         "labels": torch.randint(0, 32, (2, 9), generator=g),
         "doc_ids": torch.zeros(2, 9, dtype=torch.long),
     }
-    widths = [(1.0, 0.5), (0.25, 0.5)]
     optimizer = _GradRecorder(list(model.named_parameters()))
     out = train_step(model, optimizer, [batch], 0.0, 0.0, contextlib.nullcontext(), widths=widths)
     expected = sum(
@@ -133,8 +133,14 @@ def test_train_step_sums_weighted_losses_of_each_width():
     assert out.ce == pytest.approx(expected.item(), rel=1e-12)
     for name, param in reference.named_parameters():
         torch.testing.assert_close(optimizer.grads[name], param.grad, rtol=1e-12, atol=1e-12)
+    return optimizer.grads
+
+
+def test_train_step_sums_weighted_losses_of_each_width():
+    model = _tiny_model()
+    grads = _step_equals_weighted_losses(model, [(1.0, 0.5), (0.25, 0.5)])
     # Rows past the 0.25 prefix get gradient from the full width only (weight 0.5).
-    assert optimizer.grads["layers.0.ffn.w1.weight"][8:].abs().sum() > 0
+    assert grads["layers.0.ffn.w1.weight"][8:].abs().sum() > 0
 
 
 def test_resumed_sample_run_trains_the_same_widths(data_dir, tmp_path):
@@ -227,25 +233,6 @@ def test_train_step_sums_weighted_losses_of_each_submodel():
         matformer=MatFormerConfig(d_ff=32, granularities=(0.25, 0.5, 1.0)),
     )
     model = build_model(cfg, seed=0).double()
-    reference = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "input_ids": torch.randint(0, 32, (2, 9), generator=g),
-        "labels": torch.randint(0, 32, (2, 9), generator=g),
-        "doc_ids": torch.zeros(2, 9, dtype=torch.long),
-    }
-    widths = [(Submodel(1.0, 1.0), 0.5), (Submodel(0.25, 0.5), 0.5)]
-    optimizer = _GradRecorder(list(model.named_parameters()))
-    out = train_step(model, optimizer, [batch], 0.0, 0.0, contextlib.nullcontext(), widths=widths)
-    expected = sum(
-        w * F.cross_entropy(
-            reference(batch["input_ids"], batch["doc_ids"], widths=sub).flatten(0, 1), batch["labels"].flatten()
-        )
-        for sub, w in widths
-    )
-    expected.backward()
-    assert out.ce == pytest.approx(expected.item(), rel=1e-12)
-    for name, param in reference.named_parameters():
-        torch.testing.assert_close(optimizer.grads[name], param.grad, rtol=1e-12, atol=1e-12)
+    grads = _step_equals_weighted_losses(model, [(Submodel(1.0, 1.0), 0.5), (Submodel(0.25, 0.5), 0.5)])
     # KV head 1's rows get gradient from the full-heads submodel only, and do get it.
-    assert optimizer.grads["layers.1.mixer.wk.weight"][4:].abs().sum() > 0
+    assert grads["layers.1.mixer.wk.weight"][4:].abs().sum() > 0
