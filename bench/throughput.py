@@ -175,12 +175,14 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
     def step() -> torch.Tensor:
         # A fresh doc ids tensor per step, as a new batch would be (no cached segments or masks).
         doc_ids = None if doc_ids_BT is None else doc_ids_BT.clone()
+        if compile_mode == "step-cg":  # a new step: CUDA graph outputs of the last one may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(args.device, dtype=torch.bfloat16):
             loss = loss_fn(tokens_BT, labels_BT, doc_ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach().clone()  # kept past the step (a CUDA graph's output buffer is reused)
 
     reset_peak_memory(args.device)
     seconds, losses = timed_steps(step, args.warmup, args.steps, args.device)
