@@ -63,6 +63,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from braid.kernels.moe import grouped_swiglu
 from braid.model.moe import MoE
+from braid.parallel.styles import ScaleGrad
 
 __all__ = [
     "BatchStatsMoE",
@@ -107,19 +108,6 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad, back_out_splits, back_in_splits, ctx.group), None, None, None
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by `scale`."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.scale, None
-
-
 class BatchStatsMoE(MoE):
     """An MoE whose aux losses are those of the whole batch split over `batch_group`."""
 
@@ -155,7 +143,7 @@ class ExpertParallelMoE(BatchStatsMoE):
             torch.arange(num_local, device=counts_E.device).repeat(num_ranks), recv_counts_RL.flatten()
         )
         order_Q = torch.argsort(local_expert_Q, stable=True)
-        weights = [_ScaleGrad.apply(_local(getattr(self, name)), self.expert_grad_scale) for name in EXPERT_WEIGHTS]
+        weights = [ScaleGrad.apply(_local(getattr(self, name)), self.expert_grad_scale) for name in EXPERT_WEIGHTS]
         y_grouped_QD = grouped_swiglu(x_recv_QD[order_Q], recv_counts_RL.sum(dim=0), *weights)
         y_recv_QD = y_grouped_QD[torch.argsort(order_Q)]
         return _AllToAll.apply(y_recv_QD, send_splits, recv_splits, self.ep_group)

@@ -58,7 +58,7 @@ class _AllReduceGrad(torch.autograd.Function):
         return grad * ctx.scale if ctx.scale != 1.0 else grad, None, None
 
 
-class _ScaleGrad(torch.autograd.Function):
+class ScaleGrad(torch.autograd.Function):
     """Identity forward; the backward multiplies the gradient by `scale`."""
 
     @staticmethod
@@ -229,7 +229,7 @@ def _scale_extra_outputs(output, scale: float):
     """Scale the gradient of every tensor output after the first."""
     if not isinstance(output, tuple):
         return output
-    rest = tree_map_only(torch.Tensor, lambda t: _ScaleGrad.apply(t, scale), output[1:])
+    rest = tree_map_only(torch.Tensor, lambda t: ScaleGrad.apply(t, scale), output[1:])
     return (output[0], *rest)
 
 

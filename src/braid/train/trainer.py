@@ -433,9 +433,10 @@ class Trainer:
             return self.stop_signal is not None
         flag = torch.tensor([self.stop_signal is not None], dtype=torch.int32, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.stop_signal is None:
+        stop = bool(flag.item())
+        if stop and self.stop_signal is None:
             self.stop_signal = "stop signal on another rank"
-        return bool(flag.item())
+        return stop
 
     @contextlib.contextmanager
     def _stop_signals(self):
