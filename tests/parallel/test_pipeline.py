@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from braid.configs import model_config
 from braid.model import ModelConfig, build_model
 from braid.parallel import ParallelConfig, ParallelDims, gather_full_state_dict, parallelize
+from braid.parallel import pipeline as pipeline_module
 from braid.parallel.pipeline import (
     IGNORE_INDEX,
     CostWeights,
@@ -31,6 +32,7 @@ from braid.parallel.pipeline import (
     build_pipeline,
     build_stage_modules,
     layer_costs,
+    pipeline_eval,
     pipeline_step,
     split_layers,
     stage_ids_for_rank,
@@ -46,6 +48,7 @@ WIDTHS = [None, 0.5, None, 0.25, None]  # MatFormer width per step
 LAYOUTS = {"1f1b": 1, "interleaved_1f1b": 2, "gpipe": 1}  # schedule -> stages per rank
 TP_LAYOUTS = {"1f1b": 1, "interleaved_1f1b": 2}
 VOCAB = {1: 97, 2: 96}  # tp -> vocab size (the vocab-parallel head needs tp | vocab)
+EVAL_STEP = 99  # the batch pipeline_eval is checked on, after training
 DTYPE = torch.float64
 TOL64 = dict(rtol=1e-9, atol=1e-12)  # float64 rounding after 5 AdamW steps
 
@@ -89,11 +92,25 @@ def train_single_process(cfg: ModelConfig) -> tuple[list[float], list[dict], dic
         opt.zero_grad()
         losses.append(total)
         auxes.append(aux_total)
-    return losses, auxes, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return losses, auxes, {k: v.detach().clone() for k, v in model.state_dict().items()}, _eval_ce_sum(model)
 
 
-def _train_pipelined(rank: int, world_size: int, tp: int, layouts: dict[str, int]) -> dict:
-    """Every layout through braid.parallel's API, as the trainer calls it."""
+@torch.no_grad()
+def _eval_ce_sum(model) -> float:
+    """Summed cross-entropy of the evaluation batch, in eval mode (what pipeline_eval returns)."""
+    model.eval()
+    batch = make_batch(EVAL_STEP, model.cfg.vocab_size)
+    logits = model(batch["input_ids"], batch["doc_ids"])
+    model.train()
+    ce = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return ce.item()
+
+
+def _train_pipelined(rank: int, world_size: int, tp: int, layouts: dict[str, int], split_loop: bool = False) -> dict:
+    """Every layout through braid.parallel's API, as the trainer calls it. split_loop: drive
+    the schedules as on torches whose step cannot take pre-split microbatches (2.11)."""
+    if split_loop:
+        pipeline_module.SCHEDULE_TAKES_MICROBATCHES = False
     cfg = small_cfg(vocab_size=VOCAB[tp])
     full_state = build_model(cfg, seed=SEED).to(DTYPE).state_dict()
     results = {}
@@ -128,14 +145,22 @@ def _train_pipelined(rank: int, world_size: int, tp: int, layouts: dict[str, int
             opt.zero_grad()
             losses.append(out.loss.item())
             auxes.append({name: value.item() for name, value in out.aux.items()})
+        ce_sum = pipeline_eval(pipe, make_batch(EVAL_STEP, cfg.vocab_size)).item()
         state = [{k: v.numpy().copy() for k, v in gather_full_state_dict(m).items()} for m in pipe.modules]
-        results[schedule] = {"losses": losses, "aux": auxes, "state": state, "layer_ids": pipe.layer_ids}
+        results[schedule] = {
+            "losses": losses, "aux": auxes, "state": state, "layer_ids": pipe.layer_ids, "eval": ce_sum
+        }
     return results
 
 
 @pytest.fixture(scope="module")
 def pp2_runs():
     return run_distributed(_train_pipelined, 2, (1, LAYOUTS))
+
+
+@pytest.fixture(scope="module")
+def pp2_split_loop_runs():
+    return run_distributed(_train_pipelined, 2, (1, {"1f1b": 1, "interleaved_1f1b": 2}, True))
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +185,10 @@ def reference_runs():
 def check_equal_to_reference(per_rank: list[dict], num_stages: int, reference) -> None:
     """Losses and aux on every rank, and the final state dict of every pipeline (one per TP
     rank: world ranks are laid out (pp, tp), tp innermost), equal to the reference."""
-    ref_losses, ref_aux, ref_state = reference
-    for r in per_rank:  # every rank reports the whole pipeline's loss and aux
+    ref_losses, ref_aux, ref_state, ref_eval = reference
+    for r in per_rank:  # every rank reports the whole pipeline's loss, aux and eval CE
         torch.testing.assert_close(r["losses"], ref_losses, **TOL64)
+        torch.testing.assert_close(r["eval"], ref_eval, **TOL64)
         for aux, ref in zip(r["aux"], ref_aux):
             assert aux.keys() == ref.keys() == {"moe_load_balance", "moe_z_loss"}
             torch.testing.assert_close(aux, ref, **TOL64)
@@ -187,6 +213,14 @@ def test_pp2_training_equals_single_process(schedule, pp2_runs, reference_runs):
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
+def test_pp2_through_the_schedules_microbatch_loop_equals_single_process(schedule, pp2_split_loop_runs, reference_runs):
+    """The path torch 2.11 takes (its step only splits whole batches): same training, same eval."""
+    check_equal_to_reference([run[schedule] for run in pp2_split_loop_runs], 2 * LAYOUTS[schedule], reference_runs[1])
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not pipeline_module.STAGE_TAKES_MESH, reason="this torch's PipelineStage cannot rebuild DTensors")
 @pytest.mark.parametrize("schedule", TP_LAYOUTS)
 def test_pp2_tp2_training_equals_single_process(schedule, pp2_tp2_runs, reference_runs):
     check_equal_to_reference([run[schedule] for run in pp2_tp2_runs], 2 * TP_LAYOUTS[schedule], reference_runs[2])
@@ -195,7 +229,7 @@ def test_pp2_tp2_training_equals_single_process(schedule, pp2_tp2_runs, referenc
 def test_reference_training_moves_every_parameter(reference_runs):
     """The parity above is not vacuous: 5 steps change every parameter of the model."""
     start = build_model(small_cfg(), seed=SEED).to(DTYPE).state_dict()
-    _, _, final = reference_runs[1]
+    _, _, final, _ = reference_runs[1]
     moved = {k for k, v in final.items() if not torch.equal(v, start[k])}
     params = {k for k, _ in build_model(small_cfg(), device="meta").named_parameters()}
     assert params <= moved

@@ -23,10 +23,10 @@ Shapes: B batch, T time, D d_model, V vocab, M microbatches.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import inspect
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,8 @@ from braid.parallel.parallelize import distribute_full_model
 # torch versions without it (2.11) pipeline only plain tensors, i.e. tp = 1.
 STAGE_TAKES_MESH = "get_mesh" in inspect.signature(PipelineStage.__init__).parameters
 # Whether a schedule's step takes microbatches already split (arg_mbs, kwarg_mbs, target_mbs)
-# and loss keywords, which pipeline_step uses; torch 2.11's step splits the batch itself.
+# and loss keywords (torch 2.14). torch 2.11's step splits the batch itself and has no loss
+# keywords: there `_run_schedule` drives the schedule's per-microbatch loop directly.
 SCHEDULE_TAKES_MICROBATCHES = "arg_mbs" in inspect.signature(PipelineScheduleSingle.step).parameters
 
 IGNORE_INDEX = -100
@@ -220,6 +221,14 @@ class StageDecoder(Decoder):
         """h_BTD: token ids (B, T) on the first stage, hidden states (B, T, D) after it.
         Returns hidden states (B, T, D), or logits (B, T, V) on the last stage.
         aux_scale: the weight of this forward's aux losses in the step's objective."""
+        if self.training and not torch.is_grad_enabled():
+            # The schedule's shape inference (torch 2.11 runs one on zeros, without autograd):
+            # forward as in evaluation, so it leaves no training statistics (MoE token counts).
+            self.eval()
+            try:
+                return super().forward(h_BTD, doc_ids_BT, widths=widths)
+            finally:
+                self.train()
         out, aux = super().forward(h_BTD, doc_ids_BT, widths=widths, return_aux=True)
         self.aux_log.append({name: value.detach() for name, value in aux.items()})
         if not aux:
@@ -435,14 +444,8 @@ def pipeline_step(
     for module in pipeline.modules:
         module.aux_log.clear()
     losses: list[torch.Tensor] = []
-    pipeline.schedule.step(
-        arg_mbs=arg_mbs,
-        kwarg_mbs=kwarg_mbs,
-        target_mbs=target_mbs,
-        losses=losses,
-        return_outputs=False,
-        loss_kwargs={"num_targets": num_targets, "ce_scale": ce_scale},
-    )
+    loss_kwargs = {"num_targets": num_targets, "ce_scale": ce_scale}
+    _run_schedule(pipeline, arg_mbs, kwarg_mbs, target_mbs, losses, loss_kwargs, backward=True)
     return _gather_loss(pipeline, losses, aux_scale)
 
 
@@ -457,7 +460,7 @@ def pipeline_eval(pipeline: Pipeline, batch: dict[str, torch.Tensor], *, widths=
         module.eval()
     losses: list[torch.Tensor] = []
     try:
-        pipeline.schedule.eval(arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs, losses=losses)
+        _run_schedule(pipeline, arg_mbs, kwarg_mbs, target_mbs, losses, None, backward=False)
     finally:
         for module, mode in zip(pipeline.modules, modes):
             module.train(mode)
@@ -468,6 +471,34 @@ def pipeline_eval(pipeline: Pipeline, batch: dict[str, torch.Tensor], *, widths=
     total = total.to(pipeline.stages[0].device)
     dist.all_reduce(total, group=pipeline.group)
     return total[0].cpu()
+
+
+def _run_schedule(pipeline: Pipeline, arg_mbs, kwarg_mbs, target_mbs, losses: list, loss_kwargs, *, backward: bool):
+    """One pass of the schedule over pre-split microbatches: forward and backward, or forward
+    only (backward=False). On torch 2.14 through its public step/eval; on torches whose step
+    only splits a whole batch (2.11) through the schedule's own per-microbatch loop
+    (`_step_microbatches`, the method step calls after splitting), with the loss keywords
+    bound into the loss function for the pass."""
+    schedule = pipeline.schedule
+    if SCHEDULE_TAKES_MICROBATCHES:
+        if backward:
+            schedule.step(arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs, losses=losses,
+                          return_outputs=False, loss_kwargs=loss_kwargs)
+        else:
+            schedule.eval(arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs, losses=losses)
+        return
+    if backward and not torch.is_grad_enabled():
+        raise RuntimeError("pipeline_step needs gradients enabled; use pipeline_eval for forward only")
+    loss_fn, has_backward = schedule._loss_fn, schedule._has_backward
+    schedule._loss_fn = functools.partial(_microbatch_cross_entropy, **(loss_kwargs or {}))
+    schedule._has_backward = backward and has_backward
+    try:
+        for stage in pipeline.stages:  # what step() does before its loop
+            stage.has_backward = schedule._has_backward
+            stage.clear_runtime_states()
+        schedule._step_microbatches(arg_mbs, kwarg_mbs, target_mbs, losses, False)
+    finally:
+        schedule._loss_fn, schedule._has_backward = loss_fn, has_backward
 
 
 def _split_batch(pipeline: Pipeline, batch: dict[str, torch.Tensor], widths, aux_scale: float):

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from braid.parallel import ParallelDims
-from braid.parallel.pipeline import SCHEDULE_TAKES_MICROBATCHES, STAGE_TAKES_MESH, split_layers
+from braid.parallel.pipeline import STAGE_TAKES_MESH, split_layers
 from braid.train.config import DataConfig, TrainConfig
 
 
@@ -76,12 +76,6 @@ def check_layout(cfg: TrainConfig) -> ParallelDims:
     dims = ParallelDims(pcfg, env_world_size(), cfg.model)
     if dims.pp > 1:  # the stage split's own checks (tied embeddings, cut points), before any model work
         split_layers(cfg.model, dims.num_stages, pcfg.pp_cut_points, seq_len=cfg.data.seq_len)
-    if dims.pp > 1 and not SCHEDULE_TAKES_MICROBATCHES:
-        raise ValueError(
-            f"parallel.pp={dims.pp} needs a torch whose pipeline schedules take pre-split microbatches "
-            f"(PipelineSchedule.step(arg_mbs=...), e.g. 2.14); torch {torch.__version__} has none: "
-            "set parallel.pp=1 or use a newer torch"
-        )
     if dims.pp > 1 and dims.tp > 1 and not STAGE_TAKES_MESH:
         raise ValueError(
             f"parallel.pp={dims.pp} with parallel.tp={dims.tp} needs a torch whose PipelineStage rebuilds "
