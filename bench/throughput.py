@@ -10,7 +10,11 @@ on `model(..., return_hidden=True)` and `model.head_weight` (no full logits), pl
 auxiliary losses; `--compile block` compiles each block (torch.compile per Block), `model`
 the whole decoder; `step` compiles the decoder, head and loss as one function (plain
 F.cross_entropy on the logits, which inductor fuses; the logits then exist, in bf16),
-`step-cg` the same with CUDA graphs (mode="reduce-overhead"). The peer is HF transformers' LlamaForCausalLM built (no download) from a
+`step-cg` the same with CUDA graphs (mode="reduce-overhead"). `graph`, `block-graph` and
+`step-graph` capture the whole step (forward, backward and a capturable fused AdamW) as one
+CUDA graph (braid.train.cuda_graph.GraphedStep) over eager, per-block compiled or
+step-compiled code; they use the plain logits loss (liger's fused loss reads a count back to
+the host, which a graph cannot hold) and autocast without its weight-cast cache. The peer is HF transformers' LlamaForCausalLM built (no download) from a
 LlamaConfig of llama-374m's shape (vocab 32000, hidden 1024, 24 layers, 16 heads, FFN 2816),
 SDPA attention, its own loss; eager and torch.compile'd.
 
@@ -34,6 +38,8 @@ import json
 import statistics
 import sys
 import time
+import traceback
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -43,9 +49,10 @@ from braid.configs.bench import BENCH_CONFIGS
 from braid.kernels.backend import current_spec, use_backends
 from braid.kernels.cross_entropy import linear_cross_entropy
 from braid.model import ModelConfig, build_model, flops_per_token, num_params
+from braid.train.cuda_graph import GraphedStep
 
 PEAK_BF16_FLOPS = 989e12
-COMPILE_MODES = ("none", "block", "model", "step", "step-cg")
+COMPILE_MODES = ("none", "block", "model", "step", "step-cg", "graph", "block-graph", "step-graph")
 
 
 @dataclass
@@ -136,8 +143,8 @@ def card_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
-def fused_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+def fused_adamw(model: torch.nn.Module, capturable: bool = False) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True, capturable=capturable)
 
 
 def apply_compile(model, mode: str):
@@ -151,9 +158,11 @@ def apply_compile(model, mode: str):
 
 def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
     cfg = resolve_config(args.config, args.seq_len)
+    graphed = compile_mode.endswith("graph")
+    base_mode = {"graph": "none", "block-graph": "block", "step-graph": "step"}.get(compile_mode, compile_mode)
     decoder = build_model(cfg, device=args.device, seed=0).train()
-    optimizer = fused_adamw(decoder)
-    model = apply_compile(decoder, compile_mode)
+    optimizer = fused_adamw(decoder, capturable=graphed)
+    model = apply_compile(decoder, base_mode)
     tokens_BT, labels_BT, doc_ids_BT = random_batch(
         cfg.vocab_size, args.batch_size, args.seq_len, args.doc_len, args.device
     )
@@ -164,30 +173,43 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
         return loss + sum(aux.values())
 
     def plain_loss(tokens, labels, doc_ids) -> torch.Tensor:
-        hidden_BTD, aux = decoder(tokens, doc_ids, return_aux=True, return_hidden=True)
+        hidden_BTD, aux = model(tokens, doc_ids, return_aux=True, return_hidden=True)
         logits_NV = hidden_BTD.flatten(0, 1) @ decoder.head_weight.t()
         return torch.nn.functional.cross_entropy(logits_NV.float(), labels.flatten()) + sum(aux.values())
 
-    loss_fn = fused_loss
-    if compile_mode in ("step", "step-cg"):
-        loss_fn = torch.compile(plain_loss, mode="reduce-overhead" if compile_mode == "step-cg" else None)
+    loss_fn = plain_loss if graphed else fused_loss
+    if base_mode in ("step", "step-cg"):
+        loss_fn = torch.compile(plain_loss, mode="reduce-overhead" if base_mode == "step-cg" else None)
 
-    def step() -> torch.Tensor:
-        # A fresh doc ids tensor per step, as a new batch would be (no cached segments or masks).
-        doc_ids = None if doc_ids_BT is None else doc_ids_BT.clone()
+    def eager_step(tokens, labels, doc_ids) -> torch.Tensor:
         if compile_mode == "step-cg":  # a new step: CUDA graph outputs of the last one may be reused
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(args.device, dtype=torch.bfloat16):
-            loss = loss_fn(tokens_BT, labels_BT, doc_ids)
+        with torch.autocast(args.device, dtype=torch.bfloat16, cache_enabled=not graphed):
+            loss = loss_fn(tokens, labels, doc_ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach().clone()  # kept past the step (a CUDA graph's output buffer is reused)
+        return loss.detach()
+
+    if graphed:
+        graph_step = GraphedStep(eager_step, tokens_BT, labels_BT, doc_ids_BT, warmup=args.warmup)
+
+        def step() -> torch.Tensor:
+            return graph_step(tokens_BT, labels_BT, None if doc_ids_BT is None else doc_ids_BT.clone())
+
+    else:
+
+        def step() -> torch.Tensor:
+            # A fresh doc ids tensor per step, as a new batch would be (no cached segments or masks).
+            doc_ids = None if doc_ids_BT is None else doc_ids_BT.clone()
+            return eager_step(tokens_BT, labels_BT, doc_ids).clone()  # kept past the step
 
     reset_peak_memory(args.device)
     seconds, losses = timed_steps(step, args.warmup, args.steps, args.device)
     if args.profile:
         print_profile(step, args.device)
+    if args.sync_debug and not graphed:
+        print_syncs(step)
     return Run(
         name=f"braid {args.config} compile={compile_mode}" + ("" if current_spec() == "auto" else f" [{current_spec()}]"),
         step_seconds=seconds,
@@ -204,6 +226,31 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
             "params": num_params(cfg),
         },
     )
+
+
+def print_syncs(step, depth: int = 14) -> None:
+    """One more step with CUDA sync debugging on: each place that makes the host wait for the
+    GPU (.item(), .tolist(), .cpu(), data-dependent shapes), with its Python stack and count.
+    A step with none can run ahead of the GPU and be captured as a CUDA graph."""
+    sites: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            stack = "".join(traceback.format_stack(limit=depth)[:-2])
+            sites[stack] = sites.get(stack, 0) + 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    print(f"# sync check: {sum(sites.values())} synchronizing calls in one step, at {len(sites)} places")
+    for stack, count in sorted(sites.items(), key=lambda item: -item[1]):
+        print(f"## {count}x\n{stack}")
 
 
 def print_profile(step, device: str, rows: int = 25) -> None:
@@ -293,6 +340,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="append one JSON row per run to this file")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of the script")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one more braid step")
+    parser.add_argument(
+        "--sync-debug", action="store_true", help="list the host-device synchronisations of one more eager braid step"
+    )
     return parser.parse_args(argv)
 
 
@@ -310,7 +360,13 @@ def main(argv=None) -> None:
         print(f"# {card_name(args.device)}, seq {args.seq_len}, batch {args.batch_size}, kernels {current_spec()}")
         for job in jobs:
             started = time.time()
-            run = job()
+            try:
+                run = job()
+            except Exception as error:  # report and go on with the other runs of this call
+                print(f"FAILED: {type(error).__name__}: {error}"[:2000], flush=True)
+                traceback.print_exc(limit=-8)
+                release_memory()
+                continue
             row = run.row(args)
             print(
                 f"{run.name:40s} {run.tokens_per_s / 1e3:8.1f}k tok/s  MFU {100 * run.mfu:5.1f}%  "

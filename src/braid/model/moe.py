@@ -28,6 +28,14 @@ from braid.model.config import MoEConfig
 from braid.model.mlp import SwiGLU
 
 
+def expert_counts(experts_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows routed to each expert, (E,) int64. A scatter-add, not torch.bincount, which on
+    CUDA reads the largest index back to the host (a sync per MoE layer, and no CUDA graph)."""
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=experts_NK.device)
+    flat = experts_NK.flatten()
+    return counts_E.scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class MoE(nn.Module):
     """Router (E, D), experts w1, w3 (E, D, F) and w2 (E, F, D), optional `shared` SwiGLU.
 
@@ -70,7 +78,7 @@ class MoE(nn.Module):
             raise ValueError(f"MoE: input last dim {x_BTD.shape[-1]} does not match d_model={d_model}")
         x_ND = x_BTD.reshape(-1, d_model)
         logits_NE, scores_NE, experts_NK, gates_NK = self.route(x_ND)
-        counts_E = torch.bincount(experts_NK.flatten(), minlength=self.cfg.num_experts)
+        counts_E = expert_counts(experts_NK, self.cfg.num_experts)
         y_ND = self._experts(x_ND, experts_NK, gates_NK, counts_E)
         if hasattr(self, "shared"):
             y_ND = y_ND + self.shared(x_ND)
