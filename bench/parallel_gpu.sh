@@ -12,7 +12,8 @@
 # with the package index, and carry the directory; the GPU machine has no network).
 #
 # Layouts (name:processes:overrides), run when enough GPUs are visible:
-#     1gpu:1  1gpu_dp2:1  tp2:2  pp2:2  dp2_fsdp2:2 (ZeRO-3)  dp2_deepspeed:2 (ZeRO-2)  ep2:2 (dp_shard=2)
+#     1gpu:1  1gpu_dp2:1  tp2:2  pp2:2  dp2_fsdp2:2 (ZeRO-3)  dp2_deepspeed:2 (ZeRO-2)
+#     pp2_deepspeed:2 (ZeRO-1 over pipeline stages)  ep2:2 (dp_shard=2)
 #     tp2_ep2:2  tp2_pp2:4  tp2_pp2_ep2:4  tp2_pp2_dp2_ep2:8
 # The global batch is GLOBAL_BATCH rows of SEQ tokens at every layout (data.batch_size is
 # GLOBAL_BATCH / dp per rank). tp and pp layouts read exactly the 1gpu run's batches; layouts
@@ -56,6 +57,7 @@ ALL_LAYOUTS=(
     "pp2:2:parallel.pp=2"
     "dp2_fsdp2:2:parallel.dp_shard=2 parallel.zero_stage=3"
     "dp2_deepspeed:2:parallel.dp_shard=2 parallel.zero_engine=deepspeed parallel.zero_stage=2"
+    "pp2_deepspeed:2:parallel.pp=2 parallel.zero_engine=deepspeed parallel.zero_stage=1"
     "ep2:2:parallel.dp_shard=2 parallel.ep=2"
     "tp2_ep2:2:parallel.tp=2 parallel.ep=2"
     "tp2_pp2:4:parallel.tp=2 parallel.pp=2"

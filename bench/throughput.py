@@ -191,6 +191,7 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    reset_peak_memory(args.device)  # peak memory includes warm-up (and a graph's capture)
     if graphed:
         graph_step = GraphedStep(eager_step, tokens_BT, labels_BT, doc_ids_BT, warmup=args.warmup)
 
@@ -204,7 +205,6 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
             doc_ids = None if doc_ids_BT is None else doc_ids_BT.clone()
             return eager_step(tokens_BT, labels_BT, doc_ids).clone()  # kept past the step
 
-    reset_peak_memory(args.device)
     seconds, losses = timed_steps(step, args.warmup, args.steps, args.device)
     if args.profile:
         print_profile(step, args.device)

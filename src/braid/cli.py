@@ -10,6 +10,7 @@ SIGTERM/SIGUSR1 checkpoints and exits 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -172,7 +173,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
         tokens=tuple(parse_tokens(t) for t in args.tokens.split(",")),
         keep_attention=parse_student(args.student), seq_len=args.seq_len, batch_size=args.batch_size,
         checkpoint_every=args.checkpoint_every, device=args.device,
+        ce_weight=args.ce_weight, temperature=args.kd_temperature, schedule=args.schedule, warmup_fraction=args.warmup,
     )
+    if args.lr is not None:
+        lrs = tuple(float(x) for x in args.lr.split(","))
+        if len(lrs) != 3:
+            raise SystemExit(f"--lr {args.lr!r}: give three peak learning rates, one per stage, e.g. 1e-3,1e-3,5e-4")
+        cfg = dataclasses.replace(cfg, lr=lrs)
     losses = distill(cfg)
     print("; ".join(f"stage {s}: loss {loss:.4f}" for s, loss in losses.items()) + f"; run dir {args.out}")
     return 0
@@ -189,6 +196,12 @@ def _add_distill(sub) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints within a stage")
+    p.add_argument("--lr", default=None, help="peak learning rate per stage 1,2,3 (default 1e-3,1e-3,1e-4)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="lr per stage: constant, or cosine (warmup, then down to lr/10 at the stage's end)")
+    p.add_argument("--warmup", type=float, default=0.05, help="cosine: warmup fraction of each stage's steps")
+    p.add_argument("--ce-weight", type=float, default=0.0, help="stage 3: weight of cross-entropy on the data beside KL")
+    p.add_argument("--kd-temperature", type=float, default=1.0, help="stage 3: softmax temperature of the KL")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_distill)
 

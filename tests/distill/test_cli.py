@@ -8,7 +8,7 @@ import json
 import pytest
 
 from braid.cli import main
-from braid.distill.run import parse_stages, parse_student, parse_tokens
+from braid.distill.run import parse_stages, parse_student, parse_tokens, stage_lr
 from tests.distill.conftest import save_tiny_llama
 
 TOKENS_PER_STEP = 16 * 2  # --seq-len 16, --batch-size 2
@@ -61,3 +61,25 @@ def test_parsers():
         parse_tokens("lots")
     with pytest.raises(ValueError, match="keep="):
         parse_student("hybrid")
+
+
+def test_stage_lr_schedules():
+    assert [stage_lr(1e-3, step, 10) for step in range(10)] == [1e-3] * 10
+    cosine = [stage_lr(1.0, step, 100, "cosine", 0.05) for step in range(100)]
+    assert cosine[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # warmup over 5 steps
+    assert cosine[99] == pytest.approx(0.1) and all(a >= b for a, b in zip(cosine[4:], cosine[5:]))
+    with pytest.raises(ValueError, match="constant"):
+        stage_lr(1.0, 0, 10, "linear")
+
+
+def test_cosine_schedule_and_loss_options_reach_the_stages(tmp_path, data_dir):
+    teacher = save_tiny_llama(tmp_path / "teacher", vocab_size=320)
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", str(teacher), "--student", "mamba2", "--stages", "3", "--tokens", _budget(4),
+            "--data", str(data_dir), "--out", str(out), "--seq-len", "16", "--batch-size", "2",
+            "--lr", "1e-3,1e-3,5e-3", "--schedule", "cosine", "--warmup", "0.25", "--ce-weight", "1.0"]
+    assert main(args) == 0
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] < rows[0]["loss"]
+    with pytest.raises(SystemExit, match="three peak learning rates"):
+        main([*args[:-8], "--lr", "1e-3,1e-3"])

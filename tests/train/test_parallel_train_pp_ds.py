@@ -23,6 +23,20 @@ checkpoints load at other layouts.
   every parameter and AdamW moment equal to the files; the ZeRO-2 run then continues in one
   process on its own loss curve (rtol 1e-5, atol 1e-6).
 
+- DeepSpeed ZeRO-1 with pipeline stages, pp2 x dp2 (4 processes; gradient accumulation 2,
+  2 pipeline microbatches, clipping at 0.5, float32; each rank's AdamW holds half its
+  stage): 5 steps log the losses, gradient norms and validation loss of the single process
+  on the same microbatches (the MoE aux statistics span the dp ranks, so a reference
+  micro-batch is pipeline microbatch m of both ranks) within rtol 1e-5, atol 1e-6 (the
+  DeepSpeed tolerance above) and end within the same one-ulp noise floor. The clip is
+  active at every step, so DeepSpeed clips at the whole model's norm (measured: a
+  per-stage norm fails the losses). Its step-2 checkpoint gives one process every parameter and AdamW
+  moment of the files and continues there on the pp2 x dp2 loss curve (rtol 1e-5,
+  atol 1e-6); a one-process checkpoint loads into pp2 x dp2 ZeRO-1 with every parameter and
+  moment equal to the files. Interleaved pp2 (2 stages per rank in one engine) x tp2
+  ZeRO-1 equals the single process likewise. pp > 1 with ZeRO-2/3 is refused before any
+  model work, saying to set parallel.zero_stage=1.
+
 Marked slow (over ~40 s on 2 busy cores): the DeepSpeed launches (DeepSpeed's start-up),
 the 4-process pp2 x tp2 run and the resharding chain.
 """
@@ -70,6 +84,19 @@ NO_AUX = ("model.moe.load_balance_coef=0", "model.moe.z_loss_coef=0")
 RESHARD = ("train.dtype=float64", "schedule.kind=constant", "data.batch_size=2", "checkpoint.every=2", UNTIED, *NO_AUX)
 
 
+PPDS_STEPS = 5
+PPDS_BASE = ("train.dtype=float32", f"train.steps={PPDS_STEPS}", "optim.grad_accum=2", "optim.grad_clip=0.5", UNTIED)
+# Each rank's micro-batch of 2 rows runs as 2 pipeline microbatches of 1 row. The MoE aux
+# losses are statistics of each forward over the dp ranks (apply_global_aux_losses), so the
+# reference accumulates 4 micro-batches of 2 rows: pipeline microbatch m of both dp ranks.
+PPDS_RANK = (
+    "data.batch_size=2", "eval.batches=2", "parallel.pp=2", "parallel.dp_shard=2",
+    "parallel.zero_engine=deepspeed", "parallel.zero_stage=1",
+)
+PPDS_REFERENCE = ("data.batch_size=2", "optim.grad_accum=4", "eval.batches=2")
+PPDS_GLOBAL = "data.batch_size=4"  # the global batch of the 2 dp ranks, as _MicrobatchLoader reads it
+
+
 class _StackedLoader:
     """The global batch of `num_ranks` data-parallel loaders, rows in rank order; it can
     continue from the per-rank loader states of a dp checkpoint."""
@@ -95,6 +122,21 @@ class _StackedLoader:
 
     def state_dict(self) -> dict:
         return {}
+
+
+class _MicrobatchLoader(_StackedLoader):
+    """The global pipeline microbatches of `num_ranks` data-parallel loaders: for each
+    micro-batch, pipeline microbatch m of every rank (rows in rank order), m = 0..M-1."""
+
+    def __init__(self, cfg, num_ranks: int, num_microbatches: int = 2):
+        super().__init__(cfg, num_ranks)
+        self.num_microbatches = num_microbatches
+
+    def __iter__(self):
+        for batches in zip(*self.loaders):
+            splits = [{k: v.tensor_split(self.num_microbatches) for k, v in b.items()} for b in batches]
+            for m in range(self.num_microbatches):
+                yield {key: torch.cat([split[key][m] for split in splits]) for key in batches[0]}
 
 
 def _rows(run_dir, key: str) -> dict[int, float]:
@@ -357,6 +399,153 @@ def test_pp2_tp2_trainer_equals_single_process(data_dir, tmp_path, pp_reference)
     _assert_same_params(_merged_state(ranks, "pp2_tp2"), pp_reference.model.state_dict(), "pp2 x tp2")
 
 
+def _ppds_worker(rank, world_size, fit_cfg, load_cfg):
+    """Fit pp2 x dp2 ZeRO-1; then load a one-process checkpoint at that layout."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_CACHE)
+    trainer = Trainer(fit_cfg)
+    summary = trainer.fit()
+    fitted = {"step": summary["step"], "state": _full_model_state(trainer)}
+    # ZeRO-1: this rank's AdamW holds its dp share of its stage's parameters
+    fitted["partition"] = sum(t.numel() for t in trainer.engine.engine.optimizer.single_partition_of_fp32_groups)
+    fitted["stage_params"] = sum(p.numel() for part in trainer.engine.parts for p in part.parameters())
+    del trainer
+    loaded = Trainer(load_cfg)
+    return {"fit": fitted, "load": {"state": _checkpoint_format(loaded), "val_loss": loaded.validate()["val_loss"]}}
+
+
+def _reference_and_noise_floor(cfg, loader_cfg=None) -> tuple[Trainer, dict, float]:
+    """The single process (on the pipeline microbatches of loader_cfg's global batch read by
+    2 dp ranks, one per micro-batch; its own loader without one), its final state, and how
+    far its parameters move when its initial weights move by one float32 ulp."""
+
+    def run(out: str, init_noise: float) -> Trainer:
+        trainer = Trainer(dataclasses.replace(cfg, out_dir=f"{cfg.out_dir}{out}"))
+        if loader_cfg is not None:
+            trainer.loader = _MicrobatchLoader(loader_cfg, 2)
+        if init_noise:
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for param in trainer.model.parameters():
+                    param.mul_(1 + init_noise * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+        trainer.fit()
+        return trainer
+
+    reference, noisy = run("", 0.0), run("_noisy", 2.0**-23)
+    state = reference.model.state_dict()
+    return reference, state, _max_deviation({k: v.numpy() for k, v in noisy.model.state_dict().items()}, state)
+
+
+def _merged_ranks(per_rank: list[dict]) -> dict[str, np.ndarray]:
+    """The whole model from the ranks' full states: pipeline ranks hold disjoint stages,
+    data- and tensor-parallel replicas of a stage equal weights."""
+    merged: dict[str, np.ndarray] = {}
+    for state in per_rank:
+        for key, value in state.items():
+            if key in merged and not key.endswith("tokens_per_expert"):  # a rank-local routing count
+                np.testing.assert_array_equal(merged[key], value, err_msg=f"{key} differs between ranks")
+            merged[key] = value
+    return merged
+
+
+@pytest.fixture(scope="module")
+def ppds_runs(data_dir, root):
+    """One 4-process launch: pp2 x dp2 DeepSpeed ZeRO-1 for 5 steps (checkpoints at 2, 4, 5),
+    and a one-process step-2 checkpoint loaded at that layout."""
+    Trainer(tiny_config(data_dir, root / "one_then_ppds", *PPDS_BASE, "checkpoint.every=2", "train.steps=2")).fit()
+    fit_cfg = tiny_config(
+        data_dir, root / "ppds", *PPDS_BASE, *PPDS_RANK, "checkpoint.every=2", "checkpoint.keep_last=3"
+    )
+    load_cfg = tiny_config(data_dir, root / "one_then_ppds", *PPDS_BASE, *PPDS_RANK, "train.steps=2")
+    return run_distributed(_ppds_worker, 4, (fit_cfg, load_cfg))
+
+
+@pytest.fixture(scope="module")
+def ppds_reference(data_dir, root):
+    cfg = tiny_config(data_dir, root / "ppds_reference", *PPDS_BASE, *PPDS_REFERENCE)
+    return _reference_and_noise_floor(cfg, tiny_config(data_dir, root / "unused", *PPDS_BASE, PPDS_GLOBAL))
+
+
+@pytest.mark.slow
+def test_deepspeed_zero1_at_pp2_dp2_equals_single_process(ppds_runs, ppds_reference, root):
+    reference, state, noise_floor = ppds_reference
+    assert [r["fit"]["step"] for r in ppds_runs] == [PPDS_STEPS] * 4
+    for rank in ppds_runs:  # optimizer states sharded over the 2 dp ranks (plus alignment padding)
+        assert rank["fit"]["stage_params"] / 2 <= rank["fit"]["partition"] < rank["fit"]["stage_params"] / 2 + 16
+    for key in ("loss", "ce", "grad_norm", "val_loss"):
+        _assert_same_rows(root / "ppds", reference.run_dir, key, TOL32, "pp2 x dp2 ZeRO-1")
+    assert min(_rows(root / "ppds", "grad_norm").values()) > 0.5, "the clip at optim.grad_clip=0.5 is active"
+    # dp replicas of a stage hold equal weights after ZeRO-1's all-gather
+    deviation = _max_deviation(_merged_ranks([r["fit"]["state"] for r in ppds_runs]), state)
+    assert deviation <= noise_floor, f"params off by {deviation:.2e} > noise floor {noise_floor:.2e}"
+
+
+@pytest.mark.slow
+def test_deepspeed_zero1_interleaved_pp2_tp2_equals_single_process(data_dir, tmp_path):
+    """Two stages per rank in one engine, TP on local shards (4 processes, dp 1)."""
+    layout = (
+        "model.pattern=S16E GF A- S16E", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
+        "parallel.pp_stages_per_rank=2", "parallel.pp_microbatches=2", "parallel.tp=2",
+        "parallel.zero_engine=deepspeed", "parallel.zero_stage=1", "data.batch_size=2", "eval.batches=2",
+    )
+    cfg = tiny_config(data_dir, tmp_path / "pp2i_tp2", *PPDS_BASE, *layout)
+    ranks = run_distributed(_fit_worker, 4, ({"pp2i_tp2": cfg},))
+    assert [r["pp2i_tp2"]["step"] for r in ranks] == [PPDS_STEPS] * 4
+    reference, state, noise_floor = _reference_and_noise_floor(tiny_config(
+        data_dir, tmp_path / "reference", *PPDS_BASE, "model.pattern=S16E GF A- S16E",
+        "data.batch_size=1", "optim.grad_accum=4", "eval.batches=4",
+    ))
+    for key in ("loss", "ce", "grad_norm", "val_loss"):
+        _assert_same_rows(tmp_path / "pp2i_tp2", reference.run_dir, key, TOL32, "interleaved pp2 x tp2 ZeRO-1")
+    assert min(_rows(tmp_path / "pp2i_tp2", "grad_norm").values()) > 0.5, "the clip is active"
+    deviation = _max_deviation(_merged_ranks([r["pp2i_tp2"]["state"] for r in ranks]), state)
+    assert deviation <= noise_floor, f"params off by {deviation:.2e} > noise floor {noise_floor:.2e}"
+
+
+@pytest.mark.slow
+def test_pp2_zero1_checkpoint_resumes_in_one_process_and_a_one_process_checkpoint_loads_into_it(
+    ppds_runs, data_dir, root, tmp_path
+):
+    saved, _ = _saved(latest_checkpoint(root / "one_then_ppds"), tmp_path)
+    loaded = {}
+    for rank in ppds_runs:  # what the ZeRO-1 partitions hold after loading, all stages together
+        loaded.update(rank["load"]["state"])
+    _assert_equal_arrays(loaded, saved, "one process -> pp2 x dp2 ZeRO-1")
+    one = Trainer(tiny_config(data_dir, root / "one_then_ppds", *PPDS_BASE, *PPDS_REFERENCE, "train.steps=2"))
+    val_loss = one.validate()["val_loss"]  # on the rows of the pp ranks' validation batches
+    for rank in ppds_runs:
+        torch.testing.assert_close(rank["load"]["val_loss"], val_loss, **TOL32)
+
+    run_dir = tmp_path / "ppds_then_one"
+    shutil.copytree(root / "ppds", run_dir)
+    for checkpoint in sorted((run_dir / "ckpt").iterdir())[1:]:
+        shutil.rmtree(checkpoint)  # resume from step 2 of 5
+    saved, extra = _saved(latest_checkpoint(run_dir), tmp_path)
+    assert any(k.endswith("exp_avg_sq") and np.abs(v).sum() > 0 for k, v in saved.items())
+    one = Trainer(tiny_config(data_dir, run_dir, *PPDS_BASE, *PPDS_REFERENCE))
+    assert one.state.step == 2
+    _assert_equal_arrays(_checkpoint_format(one), saved, "pp2 x dp2 ZeRO-1 -> one process")
+    one.loader = _MicrobatchLoader(tiny_config(data_dir, run_dir, *PPDS_BASE, PPDS_GLOBAL), 2)
+    one.loader.load_states(extra["loaders"])
+    one.fit()
+    assert sorted(_rows(run_dir, "loss")) == list(range(1, PPDS_STEPS + 1))
+    _assert_same_rows(run_dir, root / "ppds", "loss", TOL32, "pp2 x dp2 ZeRO-1 -> one process")
+
+
+@pytest.mark.parametrize("stage", (2, 3))
+def test_deepspeed_with_pp_refuses_zero2_and_zero3(stage, data_dir, tmp_path, monkeypatch):
+    from braid.train.distributed import check_layout
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = tiny_config(
+        data_dir, tmp_path / "run", *PPDS_BASE, "parallel.pp=2", "parallel.zero_engine=deepspeed",
+        f"parallel.zero_stage={stage}",
+    )
+    with pytest.raises(ValueError, match=f"parallel.pp=2 and parallel.zero_stage={stage}") as error:
+        check_layout(cfg)
+    assert "set parallel.zero_stage=1" in str(error.value) and "parallel.zero_engine=fsdp2" in str(error.value)
+    assert check_layout(apply_overrides(cfg, ["parallel.zero_stage=1"])).pp == 2
+
+
 def test_trainer_layout_errors_say_what_to_change(data_dir, tmp_path, monkeypatch):
     from braid.train.distributed import check_layout
 
@@ -369,8 +558,8 @@ def test_trainer_layout_errors_say_what_to_change(data_dir, tmp_path, monkeypatc
         check_layout(apply_overrides(cfg, ["parallel.pp_cut_points=[3]"]))
     with pytest.raises(ValueError, match="log.sample_every=0"):
         check_layout(apply_overrides(cfg, ["log.sample_every=5"]))
-    ds = apply_overrides(cfg, ["parallel.zero_engine=deepspeed", "parallel.zero_stage=1"])
-    with pytest.raises(ValueError, match="set parallel.zero_engine=fsdp2 to pipeline, or parallel.pp=1"):
+    ds = apply_overrides(cfg, ["parallel.zero_engine=deepspeed", "parallel.zero_stage=2"])
+    with pytest.raises(ValueError, match="set parallel.zero_stage=1"):
         check_layout(ds)
     with pytest.raises(ValueError, match="set train.dtype=float32"):
         check_layout(apply_overrides(ds, ["parallel.pp=1", "train.dtype=float64"]))

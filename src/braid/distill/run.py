@@ -40,7 +40,11 @@ class DistillConfig:
     keep_attention: tuple[int, ...] = ()
     seq_len: int = 512
     batch_size: int = 8
-    lr: tuple[float, ...] = (1e-3, 1e-3, 1e-4)  # per stage 1, 2, 3
+    lr: tuple[float, ...] = (1e-3, 1e-3, 1e-4)  # peak per stage 1, 2, 3
+    # "constant" (a larger budget continues a finished stage exactly), or "cosine": linear warmup
+    # over warmup_fraction of each stage's steps, then cosine down to lr / 10 at its last step.
+    schedule: str = "constant"
+    warmup_fraction: float = 0.05
     temperature: float = 1.0
     ce_weight: float = 0.0
     block_size: int = 256  # stage-1 tile edge: memory O(seq_len * block); small tiles mean many small kernels
@@ -148,6 +152,21 @@ def _train_step(stage: int, cfg: DistillConfig, student, teacher, opt, batch: di
     return loss.item()
 
 
+def stage_lr(peak: float, step: int, steps: int, schedule: str = "constant", warmup_fraction: float = 0.05) -> float:
+    """lr of step `step` (0-based) of a stage of `steps`: `peak` throughout ("constant"), or
+    ("cosine") linear warmup over warmup_fraction of the steps, then cosine from `peak` down to
+    peak / 10 at the last step."""
+    if schedule == "constant":
+        return peak
+    if schedule != "cosine":
+        raise ValueError(f"schedule={schedule!r}: use 'constant' or 'cosine'")
+    warmup = math.ceil(warmup_fraction * steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - 1 - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
 def _run_stage(stage: int, tokens: int, cfg: DistillConfig, student, teacher, stage_dir: Path, metrics) -> float:
     """Train one stage to `tokens` tokens (resuming from its latest checkpoint); its last loss."""
     loader = _stage_loader(cfg, stage, teacher)
@@ -166,6 +185,8 @@ def _run_stage(stage: int, tokens: int, cfg: DistillConfig, student, teacher, st
     first_step, stage_start = step, time.time()
     while step < steps:
         start = time.time()
+        for group in opt.param_groups:
+            group["lr"] = stage_lr(cfg.lr[stage - 1], step, steps, cfg.schedule, cfg.warmup_fraction)
         loss = _train_step(stage, cfg, student, teacher, opt, {k: v.to(device) for k, v in next(batches).items()})
         step += 1
         row = {"stage": stage, "step": step, "loss": loss, "tokens": step * tokens_per_step,

@@ -25,8 +25,21 @@ parameter is stored as its local shard and reads as a DTensor view of it while t
 runs forward, which works with ZeRO-1 and ZeRO-2 (activation checkpointing included).
 ZeRO-3 gathers parameters in its own per-module hooks, which the views cannot follow: with
 TP it raises, as do expert-parallel DTensors (their shards would be averaged over ranks that
-hold other experts): use zero_engine="fsdp2" for those. With pipeline parallelism DeepSpeed
-allows ZeRO-1 only.
+hold other experts): use zero_engine="fsdp2" for those.
+
+Pipeline parallelism: DeepSpeed allows ZeRO-1 only (its own PipelineEngine asserts it:
+ZeRO-2 reduces and partitions gradients inside backward, ZeRO-3 gathers parameters in its
+own forward hooks, and a pipeline schedule runs both itself). One engine holds all of a
+rank's stages (`StageParts`, interleaved schedules have several), built in unmanaged
+accumulation mode: the torch pipeline schedule runs backward with plain autograd into
+param.grad (ZeRO-1 keeps full gradients; its gradient hooks only stage buffers outside the
+engine's backward), and engine.step() reduces them over the data-parallel group
+(reduce_gradients, as DeepSpeed's PipelineEngine does at ReduceGrads), clips and steps.
+DeepSpeed's gradient norm sums the squares over the data-parallel group and then over the
+mpu's model-parallel group, which DeepSpeedMPU.from_mesh makes the tp x pp ranks of one
+replica: with every local stage in the one engine that is the whole model's norm, so
+DeepSpeed's gradient_clipping clips at the single-process norm (and its non-finite check,
+MAX-reduced over the same groups, skips the step on every stage at once).
 
 On GPU DeepSpeed's bf16 mode casts every parameter to bf16 for compute (keeping float32
 master weights), the SSM parameters (A_log, D, dt_bias) included: braid's rule that they
@@ -50,6 +63,7 @@ from torch.distributed.tensor import DTensor
 __all__ = [
     "DeepSpeedMPU",
     "DeepSpeedState",
+    "StageParts",
     "build_deepspeed_engine",
     "deepspeed_config",
     "param_groups",
@@ -211,6 +225,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+class StageParts(nn.Module):
+    """A rank's pipeline stages as the one module of a deepspeed engine (pp > 1, ZeRO-1).
+
+    Its parameters are named "parts.<i>.<the stage's name>"; DeepSpeedState strips that
+    prefix, so checkpoints keep the single-process names. Never called: the pipeline
+    schedule runs the stages themselves.
+    """
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def no_weight_decay_names(self) -> set[str]:
+        return {f"parts.{i}.{name}" for i, part in enumerate(self.parts) for name in part.no_weight_decay_names()}
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("StageParts holds pipeline stages for DeepSpeed; run them through the pipeline schedule")
+
+
 def build_deepspeed_engine(
     model: nn.Module,
     optim_cfg,
@@ -224,11 +257,11 @@ def build_deepspeed_engine(
 ):
     """deepspeed.initialize with braid's explicit config and AdamW; returns the engine.
 
-    model: the model (or pipeline stage) with the same weights on every rank, after TP (its
-        DTensors become local shards, tp_on_local_tensors; ZeRO 1 or 2 only) and activation
-        checkpointing; no expert parallelism. optim_cfg: lr, betas, eps, weight_decay,
-        grad_accum and grad_clip (braid.train.config.OptimConfig). zero_stage: 1, 2 or 3
-        (1 when pp > 1).
+    model: the model, or a rank's pipeline stages (StageParts), with the same weights on
+        every data-parallel rank, after TP (its DTensors become local shards,
+        tp_on_local_tensors; ZeRO 1 or 2 only) and activation checkpointing; no expert
+        parallelism. optim_cfg: lr, betas, eps, weight_decay, grad_accum and grad_clip
+        (braid.train.config.OptimConfig). zero_stage: 1, 2 or 3 (1 when pp > 1).
     mpu: the process groups (DeepSpeedMPU.from_mesh); or give dp_group alone for pure data
         parallelism; neither means every rank is data parallel.
     micro_batch_size: sequences per rank per micro-batch (DeepSpeed's batch bookkeeping).
@@ -241,8 +274,9 @@ def build_deepspeed_engine(
     elif dp_group is not None:
         raise ValueError("build_deepspeed_engine: give mpu or dp_group, not both (mpu holds the dp group)")
     _check_layout(model, zero_stage, mpu)
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        tp_on_local_tensors(model)
+    for part in model.parts if isinstance(model, StageParts) else [model]:
+        if any(isinstance(p, DTensor) for p in part.parameters()):
+            tp_on_local_tensors(part)  # each stage: the schedule runs the stages, not the container
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_CACHE)
     import deepspeed  # slow to import; only the DeepSpeed engine needs it
 
@@ -365,11 +399,13 @@ class DeepSpeedState:
     def __init__(self, engine):
         self.engine = engine
         self.module = engine.module
+        # A rank's pipeline stages (StageParts): each keeps the single-process names.
+        self.parts = list(self.module.parts) if isinstance(self.module, StageParts) else [self.module]
         self.zero3 = engine.zero_optimization_stage() == 3
-        no_decay = self.module.no_weight_decay_names()
-        self.params = [
-            (_clean(name), param, int(name in no_decay)) for name, param in self.module.named_parameters()
-        ]
+        self.params = []
+        for part in self.parts:
+            no_decay = part.no_weight_decay_names()
+            self.params += [(_clean(name), param, int(name in no_decay)) for name, param in part.named_parameters()]
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -401,14 +437,18 @@ class DeepSpeedState:
             for key in OPTIM_STATES:
                 safe_set_full_optimizer_state(param, _to_local(state["optim"][f"state.{fqn}.{key}"]), key)
         with torch.no_grad():
-            for name, buffer in self.module.named_buffers():
-                if _clean(name) in state["model"]:
-                    buffer.copy_(state["model"][_clean(name)])
+            for part in self.parts:
+                for name, buffer in part.named_buffers():
+                    if _clean(name) in state["model"]:
+                        buffer.copy_(state["model"][_clean(name)])
 
     def _buffers(self) -> dict[str, torch.Tensor]:
-        names = {_clean(name) for name, _ in self.module.named_parameters()}
+        names = {fqn for fqn, _, _ in self.params}
         return {
-            _clean(name): value.clone() for name, value in self.module.state_dict().items() if _clean(name) not in names
+            _clean(name): value.clone()
+            for part in self.parts
+            for name, value in part.state_dict().items()
+            if _clean(name) not in names
         }
 
     def _inner_optimizer(self) -> torch.optim.Optimizer:

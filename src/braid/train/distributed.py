@@ -60,8 +60,8 @@ def check_layout(cfg: TrainConfig) -> ParallelDims:
     """`cfg.parallel` resolved against WORLD_SIZE and checked against the model (no device work).
 
     The trainer drives TP, FSDP2 data parallelism (ZeRO-2/3, HSDP), EP, pipeline stages
-    (pp > 1) and DeepSpeed ZeRO 1/2/3 (pp = 1). Text samples during training need the whole
-    model on one rank: tp = 1 and pp = 1.
+    (pp > 1) and DeepSpeed ZeRO 1/2/3 (ZeRO-1 only with pp > 1). Text samples during
+    training need the whole model on one rank: tp = 1 and pp = 1.
     """
     pcfg = cfg.parallel
     if pcfg.zero_engine == "deepspeed":
@@ -88,11 +88,13 @@ def check_layout(cfg: TrainConfig) -> ParallelDims:
 
 def _check_deepspeed(cfg: TrainConfig) -> None:
     pcfg = cfg.parallel
-    if pcfg.pp > 1:
+    if pcfg.pp > 1 and pcfg.zero_stage != 1:
         raise ValueError(
-            f"parallel.zero_engine=deepspeed with parallel.pp={pcfg.pp}: the trainer drives DeepSpeed without "
-            "pipeline stages (its engine owns backward, which the torch pipeline schedule runs itself); "
-            "set parallel.zero_engine=fsdp2 to pipeline, or parallel.pp=1"
+            f"parallel.zero_engine=deepspeed with parallel.pp={pcfg.pp} and parallel.zero_stage={pcfg.zero_stage}: "
+            "DeepSpeed allows ZeRO-1 only with pipeline parallelism (ZeRO-2 reduces and partitions gradients "
+            "inside its own backward, ZeRO-3 gathers parameters in its own forward hooks; the pipeline schedule "
+            "runs both itself); set parallel.zero_stage=1 (DeepSpeed shards gradients only outside a pipeline), "
+            "or parallel.zero_engine=fsdp2 (ZeRO-2/3 with pp), or parallel.pp=1"
         )
     if pcfg.ep > 1:
         raise ValueError(

@@ -9,6 +9,7 @@ runs forward and backward of one micro-batch and then clips and steps:
                      in one process the head and the loss run fused (no full logits)
     PipelineEngine   this rank's pipeline stages (braid.parallel.pipeline), one optimizer each
     DeepSpeedEngine  a deepspeed engine (ZeRO 1/2/3; TP on local shards), pp = 1
+    PipelineDeepSpeedEngine  this rank's pipeline stages under one deepspeed engine (ZeRO-1)
 
 Under a parallel layout (braid.train.distributed.Layout) the step is the single-process
 step on the global batch: the targets are counted over the data-parallel ranks, each rank's
@@ -219,6 +220,54 @@ class DeepSpeedEngine:
         with autocast:
             logits_BTV = self.engine.module(batch["input_ids"], batch["doc_ids"])
         return float(cross_entropy_sum(logits_BTV, batch["labels"]))
+
+
+class PipelineDeepSpeedEngine:
+    """This rank's pipeline stages under one deepspeed engine in ZeRO-1 (pp > 1; its module is
+    braid.parallel.deepspeed.StageParts, in unmanaged accumulation mode).
+
+    The torch pipeline schedule runs forward and backward of every micro-batch with plain
+    autograd, so the stages' param.grad sum the scaled microbatch gradients (the scaling of
+    PipelineEngine: ce_scale holds dp_size, so DeepSpeed's data-parallel average gives the
+    global gradient, as FSDP2's does). `step` is DeepSpeedEngine's: engine.step() reduces
+    the gradients over the data-parallel group into this rank's ZeRO-1 partition
+    (reduce_gradients, as DeepSpeed's own PipelineEngine does), clips at optim.grad_clip
+    with the whole model's norm (DeepSpeed sums it over dp and over the mpu's model-parallel
+    group, the tp x pp ranks), skips the step on every stage when that norm is not finite,
+    and steps the partitioned AdamW.
+    """
+
+    def __init__(self, pipeline: Pipeline, engine: Any, layout: Layout):
+        self.pipeline, self.engine, self.layout = pipeline, engine, layout
+        self.parts = list(pipeline.modules)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def forward_backward(self, batch, ce_scale, aux_scale, width, autocast):
+        # What engine.forward does first: ZeRO's per-forward gradient-hook bookkeeping.
+        self.engine.optimizer.clear_backward_seen_flag()
+        with autocast:
+            out = pipeline_step(
+                self.pipeline, batch, num_targets=1, ce_scale=ce_scale,
+                aux_scale=aux_scale / self.pipeline.num_microbatches, widths=width,
+            )
+        return out.loss, out.ce
+
+    def clip_and_step(self, grad_clip, loss_finite):
+        # As DeepSpeedEngine: DeepSpeed decides from the gradient norm alone.
+        self.engine.step()
+        grad_norm = torch.tensor(float(self.engine.get_global_grad_norm()), dtype=torch.float64)
+        updated = bool(torch.isfinite(grad_norm))
+        if updated:
+            for part in self.parts:
+                update_moe_bias(part, self.layout.dp_group)
+        return grad_norm, updated
+
+    def evaluate_batch(self, batch, autocast):
+        with autocast:
+            return float(pipeline_eval(self.pipeline, batch))
 
 
 def train_step(

@@ -2,7 +2,8 @@
 
 The loop is: take grad_accum micro-batches, `engine_step`, update counters and the NaN
 guard, call the hooks that are due. The engine (braid.train.step) is chosen by the layout:
-one model (one process, TP, FSDP2, EP), this rank's pipeline stages (pp > 1), or DeepSpeed.
+one model (one process, TP, FSDP2, EP), this rank's pipeline stages (pp > 1), or DeepSpeed
+(pp = 1, or this rank's pipeline stages under ZeRO-1).
 SIGTERM or SIGUSR1 ends the loop after the current step with a checkpoint (the process
 then exits 0; rerunning the same command resumes).
 """
@@ -48,6 +49,7 @@ from braid.train.step import (
     Engine,
     ModelEngine,
     NanGuard,
+    PipelineDeepSpeedEngine,
     PipelineEngine,
     StepOutput,
     engine_step,
@@ -149,8 +151,29 @@ def build_model(cfg: TrainConfig, device: torch.device, layout: Layout | None = 
 
 
 def build_pipeline_engine(cfg: TrainConfig, device: torch.device, layout: Layout) -> PipelineEngine:
-    """This rank's pipeline stages, cut by cost (or parallel.pp_cut_points) from the seed's
-    single-process model, each parallelized (TP, EP, AC, compile, FSDP2), one AdamW each."""
+    """This rank's pipeline stages (build_stages), one AdamW each."""
+    pipeline = build_stages(cfg, device, layout)
+    optimizers = [build_optimizer(part, cfg.optim, device) for part in pipeline.modules]
+    return PipelineEngine(pipeline, optimizers, layout)
+
+
+def build_pipeline_deepspeed(cfg: TrainConfig, device: torch.device, layout: Layout) -> PipelineDeepSpeedEngine:
+    """This rank's pipeline stages (build_stages) under one deepspeed engine in ZeRO-1
+    (StageParts), with braid's AdamW groups and DeepSpeed clipping at optim.grad_clip."""
+    from braid.parallel.deepspeed import DeepSpeedMPU, StageParts, build_deepspeed_engine
+
+    pipeline = build_stages(cfg, device, layout)
+    engine = build_deepspeed_engine(
+        StageParts(pipeline.modules), cfg.optim, cfg.parallel.zero_stage, DeepSpeedMPU.from_mesh(layout.mesh),
+        micro_batch_size=cfg.data.batch_size, managed_accumulation=False,
+    )
+    return PipelineDeepSpeedEngine(pipeline, engine, layout)
+
+
+def build_stages(cfg: TrainConfig, device: torch.device, layout: Layout):
+    """This rank's pipeline (braid.parallel.pipeline.Pipeline): its stages cut by cost (or
+    parallel.pp_cut_points) from the seed's single-process model, each parallelized (TP, EP,
+    AC, compile, FSDP2 unless zero_engine=deepspeed), in training mode."""
     from braid.model import build_model as build_decoder
     from braid.parallel import parallelize
     from braid.parallel.pipeline import build_pipeline
@@ -169,8 +192,7 @@ def build_pipeline_engine(cfg: TrainConfig, device: torch.device, layout: Layout
     )
     for part in pipeline.modules:
         part.train()
-    optimizers = [build_optimizer(part, cfg.optim, device) for part in pipeline.modules]
-    return PipelineEngine(pipeline, optimizers, layout)
+    return pipeline
 
 
 def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -191,8 +213,11 @@ def build_deepspeed(cfg: TrainConfig, model: nn.Module, layout: Layout) -> DeepS
 
 
 def build_engine(cfg: TrainConfig, device: torch.device, layout: Layout) -> Engine:
-    """The step's engine for the layout: pipeline stages (pp > 1), DeepSpeed, or one model."""
+    """The step's engine for the layout: pipeline stages (pp > 1; under DeepSpeed ZeRO-1 or
+    FSDP2), DeepSpeed, or one model."""
     if layout.dims.pp > 1:
+        if cfg.parallel.zero_engine == "deepspeed":
+            return build_pipeline_deepspeed(cfg, device, layout)
         return build_pipeline_engine(cfg, device, layout)
     model = build_model(cfg, device, layout)
     if layout.parallel and cfg.parallel.zero_engine == "deepspeed":
@@ -202,7 +227,7 @@ def build_engine(cfg: TrainConfig, device: torch.device, layout: Layout) -> Engi
 
 def build_train_state(engine: Engine):
     """What checkpoints save and load: model and optimizer state keyed by single-process names."""
-    if isinstance(engine, DeepSpeedEngine):
+    if isinstance(engine, (DeepSpeedEngine, PipelineDeepSpeedEngine)):
         from braid.parallel.deepspeed import DeepSpeedState
 
         return DeepSpeedState(engine.engine)
