@@ -465,10 +465,9 @@ def pipeline_eval(pipeline: Pipeline, batch: dict[str, torch.Tensor], *, widths=
         for module, mode in zip(pipeline.modules, modes):
             module.train(mode)
             module.aux_log.clear()
-    total = torch.zeros(1, dtype=torch.float64)
+    total = torch.zeros(1, dtype=torch.float64, device=pipeline.stages[0].device)
     if pipeline.has_last:
         total[0] = sum(_plain(loss).double() for loss in losses)
-    total = total.to(pipeline.stages[0].device)
     dist.all_reduce(total, group=pipeline.group)
     return total[0].cpu()
 
@@ -528,7 +527,7 @@ def _stage_kwargs(doc_ids_BT: torch.Tensor | None, widths, aux_scale: float) -> 
 def _gather_loss(pipeline: Pipeline, losses: list[torch.Tensor], aux_scale: float) -> PipelineLoss:
     """Sum the last stage's CE and every stage's aux across the pipeline group."""
     aux_names = [n for n in AUX_NAMES if any(s.ffn == "moe" for s in pipeline.modules[0].cfg.layers)]
-    totals = torch.zeros(1 + len(aux_names), dtype=torch.float64)
+    totals = torch.zeros(1 + len(aux_names), dtype=torch.float64, device=pipeline.stages[0].device)
     if pipeline.has_last:
         totals[0] = sum(_plain(loss).double() for loss in losses)
     for module in pipeline.modules:
@@ -539,7 +538,6 @@ def _gather_loss(pipeline: Pipeline, losses: list[torch.Tensor], aux_scale: floa
                 if name in aux:
                     totals[i] += aux_scale * _plain(aux[name]).double()
         module.aux_log.clear()
-    totals = totals.to(pipeline.stages[0].device)
     dist.all_reduce(totals, group=pipeline.group)
     totals = totals.cpu()
     aux = {name: totals[i] for i, name in enumerate(aux_names, start=1)}
