@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # MOHAWK proof: distill SmolLM2-135M-Instruct (GGUF) into an all-Mamba-2 student of its shape
 # on the embedded Gutenberg corpus, train the same shape from scratch on as many tokens, and
-# compare held-out perplexities. Run from the repository root (one H100, about 6 minutes):
+# compare held-out perplexities. Run from the repository root (one H200: about 4.5 minutes of
+# distillation, 3 of scratch training and 1 of evaluation; SCRATCH_GPU=1 trains the control on a
+# second GPU at the same time):
 #
 #     GGUF_PARTS="smol.gguf.part0 smol.gguf.part1" OUT=$OUT bash bench/distill_smollm2.sh
-#     GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf bash bench/distill_smollm2.sh
+#     GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf SCRATCH_GPU=1 bash bench/distill_smollm2.sh
 #
 # Needs: braid importable (installed, or run from the repo root: src/ is put on PYTHONPATH),
 # transformers, gguf and accelerate; DATA made by `braid data prepare` with the teacher's
@@ -19,8 +21,11 @@
 # "Same tokens": the scratch student trains on TOKENS1+TOKENS2+TOKENS3 tokens (the sum of
 # the three stages' budgets, same seq len and batch size, same data), as many as the
 # distilled student saw in all of its training. Knobs (env): DEVICE (cuda), SEQ_LEN (512),
-# BATCH (16), TOKENS1/2/3 (163840, 327680, 2097152 = 20, 40, 256 steps), SCRATCH_TOKENS,
-# SCRATCH_LR (1e-3), EVAL_BATCHES (all of the val split), DATA (.distill/data), PYTHON.
+# BATCH (16), TOKENS1/2/3 (81920, 163840, 2097152 = 10, 20, 256 steps), DISTILL_ARGS (the
+# recipe: "--lr 1e-3,1e-3,5e-4 --schedule cosine --ce-weight 1.0", i.e. peak lr per stage,
+# warmup + cosine per stage, stage 3 = KL + cross-entropy), SCRATCH_TOKENS, SCRATCH_LR (1e-3),
+# SCRATCH_GPU (unset: after the distillation, on the same GPU), EVAL_BATCHES (all of the val
+# split), DATA (.distill/data), PYTHON.
 # A rerun with the same WORK resumes the distillation (finished stages are skipped) and the
 # scratch run. The markdown table is printed last (and saved as $OUT/table.md).
 set -u
@@ -30,13 +35,14 @@ DATA="${DATA:-.distill/data}"
 DEVICE="${DEVICE:-cuda}"
 SEQ_LEN="${SEQ_LEN:-512}"
 BATCH="${BATCH:-16}"
-TOKENS1="${TOKENS1:-163840}"
-TOKENS2="${TOKENS2:-327680}"
+TOKENS1="${TOKENS1:-81920}"
+TOKENS2="${TOKENS2:-163840}"
 TOKENS3="${TOKENS3:-2097152}"
 SCRATCH_TOKENS="${SCRATCH_TOKENS:-$(( TOKENS1 + TOKENS2 + TOKENS3 ))}"
 SCRATCH_LR="${SCRATCH_LR:-1e-3}"
-T_DISTILL="${T_DISTILL:-270}"
-T_SCRATCH="${T_SCRATCH:-150}"
+DISTILL_ARGS="${DISTILL_ARGS:---lr 1e-3,1e-3,5e-4 --schedule cosine --ce-weight 1.0}"
+T_DISTILL="${T_DISTILL:-330}"
+T_SCRATCH="${T_SCRATCH:-290}"
 T_EVAL="${T_EVAL:-100}"
 PYTHON="${PYTHON:-python}"
 mkdir -p "$OUT" "$WORK"
@@ -75,15 +81,23 @@ echo "stage tokens $TOKENS1,$TOKENS2,$TOKENS3; scratch tokens $SCRATCH_TOKENS (l
 "$PYTHON" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__,
     torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda")'
 
+scratch() {  # the from-scratch control: its config from the student's shape, then braid train
+    "${REPORT[@]}" scratch-config --distill-run "$WORK/distill" --data "$DATA" --tokens "$SCRATCH_TOKENS" \
+        --seq-len "$SEQ_LEN" --batch-size "$BATCH" --lr "$SCRATCH_LR" --device "$DEVICE" \
+        --out-run "$WORK/scratch" --yaml "$OUT/scratch.yaml"
+    step scratch "$T_SCRATCH" "${BRAID[@]}" train "$OUT/scratch.yaml"
+}
+if [ -n "${SCRATCH_GPU:-}" ]; then  # beside the distillation, once it has written the student's config
+    (while [ ! -f "$WORK/distill/student_config.json" ]; do sleep 2; done
+     CUDA_VISIBLE_DEVICES="$SCRATCH_GPU" scratch) &
+    scratch_pid=$!
+fi
+# shellcheck disable=SC2086  # DISTILL_ARGS is a list of options
 step distill "$T_DISTILL" "${BRAID[@]}" distill --teacher "$GGUF" --student mamba2 --stages 1,2,3 \
     --tokens "$TOKENS1,$TOKENS2,$TOKENS3" --data "$DATA" --out "$WORK/distill" \
-    --seq-len "$SEQ_LEN" --batch-size "$BATCH" --device "$DEVICE"
+    --seq-len "$SEQ_LEN" --batch-size "$BATCH" --device "$DEVICE" $DISTILL_ARGS
 "${REPORT[@]}" stages --distill-run "$WORK/distill"
-
-"${REPORT[@]}" scratch-config --distill-run "$WORK/distill" --data "$DATA" --tokens "$SCRATCH_TOKENS" \
-    --seq-len "$SEQ_LEN" --batch-size "$BATCH" --lr "$SCRATCH_LR" --device "$DEVICE" \
-    --out-run "$WORK/scratch" --yaml "$OUT/scratch.yaml"
-step scratch "$T_SCRATCH" "${BRAID[@]}" train "$OUT/scratch.yaml"
+if [ -n "${SCRATCH_GPU:-}" ]; then wait "$scratch_pid"; else scratch; fi
 
 step evaluate "$T_EVAL" "${REPORT[@]}" evaluate --models teacher,init,stage1,stage2,stage3,scratch \
     --gguf "$GGUF" --data "$DATA" --distill-run "$WORK/distill" --scratch-run "$WORK/scratch" \
