@@ -171,7 +171,8 @@ class ParallelDims:
             _require(
                 cfg.zero_stage == 1,
                 f"DeepSpeed with pipeline parallelism (pp={self.pp}) only allows ZeRO-1, got "
-                f"zero_stage={cfg.zero_stage}: set zero_stage=1, or pp=1, or zero_engine='fsdp2'",
+                f"parallel.zero_stage={cfg.zero_stage}: set parallel.zero_stage=1, or parallel.pp=1, or "
+                "parallel.zero_engine=fsdp2",
             )
 
     def _check_ep(self) -> None:
