@@ -471,11 +471,18 @@ def test_deepspeed_zero1_at_pp2_dp2_equals_single_process(ppds_runs, ppds_refere
     assert [r["fit"]["step"] for r in ppds_runs] == [PPDS_STEPS] * 4
     for rank in ppds_runs:  # optimizer states sharded over the 2 dp ranks (plus alignment padding)
         assert rank["fit"]["stage_params"] / 2 <= rank["fit"]["partition"] < rank["fit"]["stage_params"] / 2 + 16
+    # dp replicas of a stage hold equal weights after ZeRO-1's all-gather (_merged_ranks checks)
+    _assert_run_equals_reference(root / "ppds", [r["fit"]["state"] for r in ppds_runs], reference, state,
+                                 noise_floor, "pp2 x dp2 ZeRO-1")
+
+
+def _assert_run_equals_reference(run_dir, rank_states, reference, state, noise_floor, what: str) -> None:
+    """Logged losses, gradient norms and validation within TOL32 of the one-process run, the
+    clip active (optim.grad_clip=0.5), final parameters within the run-to-run noise floor."""
     for key in ("loss", "ce", "grad_norm", "val_loss"):
-        _assert_same_rows(root / "ppds", reference.run_dir, key, TOL32, "pp2 x dp2 ZeRO-1")
-    assert min(_rows(root / "ppds", "grad_norm").values()) > 0.5, "the clip at optim.grad_clip=0.5 is active"
-    # dp replicas of a stage hold equal weights after ZeRO-1's all-gather
-    deviation = _max_deviation(_merged_ranks([r["fit"]["state"] for r in ppds_runs]), state)
+        _assert_same_rows(run_dir, reference.run_dir, key, TOL32, what)
+    assert min(_rows(run_dir, "grad_norm").values()) > 0.5, "the clip at optim.grad_clip=0.5 is active"
+    deviation = _max_deviation(_merged_ranks(rank_states), state)
     assert deviation <= noise_floor, f"params off by {deviation:.2e} > noise floor {noise_floor:.2e}"
 
 
@@ -494,11 +501,8 @@ def test_deepspeed_zero1_interleaved_pp2_tp2_equals_single_process(data_dir, tmp
         data_dir, tmp_path / "reference", *PPDS_BASE, "model.pattern=S16E GF A- S16E",
         "data.batch_size=1", "optim.grad_accum=4", "eval.batches=4",
     ))
-    for key in ("loss", "ce", "grad_norm", "val_loss"):
-        _assert_same_rows(tmp_path / "pp2i_tp2", reference.run_dir, key, TOL32, "interleaved pp2 x tp2 ZeRO-1")
-    assert min(_rows(tmp_path / "pp2i_tp2", "grad_norm").values()) > 0.5, "the clip is active"
-    deviation = _max_deviation(_merged_ranks([r["pp2i_tp2"]["state"] for r in ranks]), state)
-    assert deviation <= noise_floor, f"params off by {deviation:.2e} > noise floor {noise_floor:.2e}"
+    _assert_run_equals_reference(tmp_path / "pp2i_tp2", [r["pp2i_tp2"]["state"] for r in ranks], reference, state,
+                                 noise_floor, "interleaved pp2 x tp2 ZeRO-1")
 
 
 @pytest.mark.slow

@@ -222,7 +222,7 @@ class DeepSpeedEngine:
         return float(cross_entropy_sum(logits_BTV, batch["labels"]))
 
 
-class PipelineDeepSpeedEngine:
+class PipelineDeepSpeedEngine(PipelineEngine):
     """This rank's pipeline stages under one deepspeed engine in ZeRO-1 (pp > 1; its module is
     braid.parallel.deepspeed.StageParts, in unmanaged accumulation mode).
 
@@ -238,8 +238,8 @@ class PipelineDeepSpeedEngine:
     """
 
     def __init__(self, pipeline: Pipeline, engine: Any, layout: Layout):
-        self.pipeline, self.engine, self.layout = pipeline, engine, layout
-        self.parts = list(pipeline.modules)
+        super().__init__(pipeline, [], layout)
+        self.engine = engine
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
@@ -248,12 +248,7 @@ class PipelineDeepSpeedEngine:
     def forward_backward(self, batch, ce_scale, aux_scale, width, autocast):
         # What engine.forward does first: ZeRO's per-forward gradient-hook bookkeeping.
         self.engine.optimizer.clear_backward_seen_flag()
-        with autocast:
-            out = pipeline_step(
-                self.pipeline, batch, num_targets=1, ce_scale=ce_scale,
-                aux_scale=aux_scale / self.pipeline.num_microbatches, widths=width,
-            )
-        return out.loss, out.ce
+        return super().forward_backward(batch, ce_scale, aux_scale, width, autocast)
 
     def clip_and_step(self, grad_clip, loss_finite):
         # As DeepSpeedEngine: DeepSpeed decides from the gradient norm alone.
@@ -264,10 +259,6 @@ class PipelineDeepSpeedEngine:
             for part in self.parts:
                 update_moe_bias(part, self.layout.dp_group)
         return grad_norm, updated
-
-    def evaluate_batch(self, batch, autocast):
-        with autocast:
-            return float(pipeline_eval(self.pipeline, batch))
 
 
 def train_step(
