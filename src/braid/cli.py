@@ -166,7 +166,9 @@ def _add_small(sub) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from braid.distill.run import DistillConfig, distill, parse_stages, parse_student, parse_tokens
+    from braid.launch.env import export_torch_env
 
+    export_torch_env()  # under `srun` without torchrun: SLURM's rank variables -> torch's
     cfg = DistillConfig(
         teacher=args.teacher, data=args.data, out=args.out,
         stages=parse_stages(args.stages),
@@ -174,19 +176,29 @@ def cmd_distill(args: argparse.Namespace) -> int:
         keep_attention=parse_student(args.student), seq_len=args.seq_len, batch_size=args.batch_size,
         checkpoint_every=args.checkpoint_every, device=args.device,
         ce_weight=args.ce_weight, temperature=args.kd_temperature, schedule=args.schedule, warmup_fraction=args.warmup,
+        dtype=args.dtype, read_as_dp=args.read_as_dp, shard_teacher=args.shard_teacher,
     )
     if args.lr is not None:
         lrs = tuple(float(x) for x in args.lr.split(","))
         if len(lrs) != 3:
             raise SystemExit(f"--lr {args.lr!r}: give three peak learning rates, one per stage, e.g. 1e-3,1e-3,5e-4")
         cfg = dataclasses.replace(cfg, lr=lrs)
-    losses = distill(cfg)
-    print("; ".join(f"stage {s}: loss {loss:.4f}" for s, loss in losses.items()) + f"; run dir {args.out}")
+    try:
+        losses = distill(cfg)
+    finally:
+        import gc
+
+        gc.collect()  # FSDP/DTensor objects before the process group goes: avoids an abort in gloo
+        _end_process_group()
+    if os.environ.get("RANK", "0") == "0":
+        print("; ".join(f"stage {s}: loss {loss:.4f}" for s, loss in losses.items()) + f"; run dir {args.out}")
     return 0
 
 
 def _add_distill(sub) -> None:
-    p = sub.add_parser("distill", help="distill a HF Llama teacher into a Mamba-2/hybrid student (MOHAWK, resumable)")
+    p = sub.add_parser(
+        "distill", help="distill a HF Llama teacher into a Mamba-2/hybrid student (MOHAWK, resumable; torchrun: dp)"
+    )
     p.add_argument("--teacher", required=True, help="HF Llama dir (config.json + safetensors) or a .gguf file")
     p.add_argument("--student", default="mamba2", help="'mamba2' or 'keep=I,J' (attention layers to keep)")
     p.add_argument("--stages", default="1,2,3", help="stages to run, e.g. 1,2,3")
@@ -194,7 +206,8 @@ def _add_distill(sub) -> None:
     p.add_argument("--data", required=True, help="prepared data dir (tokenized with the teacher's tokenizer)")
     p.add_argument("--out", default="runs/distill", help="run dir; rerun the same command to resume")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows per process (per rank under torchrun: the global batch is N times this)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints within a stage")
     p.add_argument("--lr", default=None, help="peak learning rate per stage 1,2,3 (default 1e-3,1e-3,1e-4)")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
@@ -202,7 +215,14 @@ def _add_distill(sub) -> None:
     p.add_argument("--warmup", type=float, default=0.05, help="cosine: warmup fraction of each stage's steps")
     p.add_argument("--ce-weight", type=float, default=0.0, help="stage 3: weight of cross-entropy on the data beside KL")
     p.add_argument("--kd-temperature", type=float, default=1.0, help="stage 3: softmax temperature of the KL")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="teacher and student dtype (float64: exact checks)")
+    p.add_argument("--read-as-dp", type=int, default=1,
+                   help="read the batches of this many data-parallel ranks (a multiple of the processes), e.g. "
+                        "to resume a torchrun run of N ranks in one process exactly: --read-as-dp N, N x batch")
+    p.add_argument("--shard-teacher", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun, FSDP2-shard the frozen teacher over the ranks (default on)")
     p.set_defaults(func=cmd_distill)
 
 
