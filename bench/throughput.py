@@ -147,12 +147,12 @@ def fused_adamw(model: torch.nn.Module, capturable: bool = False) -> torch.optim
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True, capturable=capturable)
 
 
-def apply_compile(model, mode: str):
+def apply_compile(model, mode: str, inductor_mode: str | None = None):
     if mode == "block":
         for block in model.layers.values():
-            block.compile()
+            block.compile(mode=inductor_mode)
     elif mode == "model":
-        model = torch.compile(model)
+        model = torch.compile(model, mode=inductor_mode)
     return model
 
 
@@ -162,7 +162,7 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
     base_mode = {"graph": "none", "block-graph": "block", "step-graph": "step"}.get(compile_mode, compile_mode)
     decoder = build_model(cfg, device=args.device, seed=0).train()
     optimizer = fused_adamw(decoder, capturable=graphed)
-    model = apply_compile(decoder, base_mode)
+    model = apply_compile(decoder, base_mode, args.inductor_mode)
     tokens_BT, labels_BT, doc_ids_BT = random_batch(
         cfg.vocab_size, args.batch_size, args.seq_len, args.doc_len, args.device
     )
@@ -179,7 +179,7 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
 
     loss_fn = plain_loss if graphed else fused_loss
     if base_mode in ("step", "step-cg"):
-        loss_fn = torch.compile(plain_loss, mode="reduce-overhead" if base_mode == "step-cg" else None)
+        loss_fn = torch.compile(plain_loss, mode="reduce-overhead" if base_mode == "step-cg" else args.inductor_mode)
 
     def eager_step(tokens, labels, doc_ids) -> torch.Tensor:
         if compile_mode == "step-cg":  # a new step: CUDA graph outputs of the last one may be reused
@@ -331,6 +331,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument(
         "--compile", nargs="+", choices=COMPILE_MODES, default=["none"], help="braid runs, one per mode"
+    )
+    parser.add_argument(
+        "--inductor-mode", default=None, choices=("default", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode of braid's compiled modes (step-cg keeps reduce-overhead); max-autotune "
+        "also tunes inductor's GEMM and attention templates (minutes of compilation)",
     )
     parser.add_argument("--braid", action=argparse.BooleanOptionalAction, default=True, help="run braid")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="run the HF Llama peer")
