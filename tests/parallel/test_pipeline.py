@@ -220,7 +220,6 @@ def test_pp2_through_the_schedules_microbatch_loop_equals_single_process(schedul
 
 
 @pytest.mark.distributed
-@pytest.mark.skipif(not pipeline_module.STAGE_TAKES_MESH, reason="this torch's PipelineStage cannot rebuild DTensors")
 @pytest.mark.parametrize("schedule", TP_LAYOUTS)
 def test_pp2_tp2_training_equals_single_process(schedule, pp2_tp2_runs, reference_runs):
     check_equal_to_reference([run[schedule] for run in pp2_tp2_runs], 2 * TP_LAYOUTS[schedule], reference_runs[2])

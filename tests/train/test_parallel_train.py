@@ -122,17 +122,3 @@ def test_read_as_dp_checkpoints_the_shards_of_the_larger_run(data_dir, tmp_path)
     torch.testing.assert_close(torch.tensor([got[s] for s in range(1, 5)]), torch.tensor([whole[s] for s in range(1, 5)]))
     with pytest.raises(ValueError, match="read_as_dp=3 must be a multiple"):
         Trainer(apply_overrides(cfg, [f"out_dir={tmp_path / 'bad'}", "data.read_as_dp=3"]))
-
-
-def test_tp_with_pp_refused_on_a_torch_whose_stages_cannot_rebuild_dtensors(data_dir, tmp_path, monkeypatch):
-    """torch 2.11's PipelineStage sends plain tensors only: tp x pp is refused before any model
-    work there (pp alone runs: tests/parallel/test_pipeline.py drives 2.11's schedule loop)."""
-    from braid.train import distributed
-
-    overrides = ["model.tie_embeddings=false", "parallel.pp=2", "parallel.tp=2", "log.sample_every=0"]
-    cfg = tiny_config(data_dir, tmp_path / "run", *overrides)
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    assert check_layout(cfg).pp == 2
-    monkeypatch.setattr(distributed, "STAGE_TAKES_MESH", False)
-    with pytest.raises(ValueError, match="set parallel.tp=1 with pp, or use a newer torch"):
-        check_layout(cfg)

@@ -44,8 +44,10 @@ from braid.model.init import init_weights
 from braid.parallel.loss import parallel_cross_entropy
 from braid.parallel.parallelize import distribute_full_model
 
-# Whether PipelineStage can rebuild received DTensors (TP activations) from mesh dim names;
-# torch versions without it (2.11) pipeline only plain tensors, i.e. tp = 1.
+# Whether PipelineStage can rebuild received DTensors (TP activations) from mesh dim names.
+# Without it (torch 2.11) a stage receives the local shard as a plain tensor, which the first
+# block's TP input layout turns back into a DTensor: tp x pp trains the same on both
+# (tests/parallel/test_pipeline.py and test_composed.py pass under 2.11 and 2.14).
 STAGE_TAKES_MESH = "get_mesh" in inspect.signature(PipelineStage.__init__).parameters
 # Whether a schedule's step takes microbatches already split (arg_mbs, kwarg_mbs, target_mbs)
 # and loss keywords (torch 2.14). torch 2.11's step splits the batch itself and has no loss

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from braid.parallel import ParallelDims
-from braid.parallel.pipeline import STAGE_TAKES_MESH, split_layers
+from braid.parallel.pipeline import split_layers
 from braid.train.config import DataConfig, TrainConfig
 
 
@@ -76,12 +76,6 @@ def check_layout(cfg: TrainConfig) -> ParallelDims:
     dims = ParallelDims(pcfg, env_world_size(), cfg.model)
     if dims.pp > 1:  # the stage split's own checks (tied embeddings, cut points), before any model work
         split_layers(cfg.model, dims.num_stages, pcfg.pp_cut_points, seq_len=cfg.data.seq_len)
-    if dims.pp > 1 and dims.tp > 1 and not STAGE_TAKES_MESH:
-        raise ValueError(
-            f"parallel.pp={dims.pp} with parallel.tp={dims.tp} needs a torch whose PipelineStage rebuilds "
-            f"tensor-parallel activations (get_mesh); torch {torch.__version__} has none: set parallel.tp=1 "
-            "with pp, or use a newer torch"
-        )
     virtual_dp_ranks(cfg.data, 0, dims.dp_replicate * dims.dp_shard)  # data.read_as_dp fits the dp size
     return dims
 
