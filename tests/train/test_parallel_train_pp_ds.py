@@ -165,13 +165,19 @@ def _single_process(cfg, dp_size: int = 1, init_noise: float = 0.0) -> Trainer:
     trainer = Trainer(cfg)
     if dp_size > 1:
         trainer.loader = _StackedLoader(cfg, dp_size)
-    if init_noise:
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for param in trainer.model.parameters():
-                param.mul_(1 + init_noise * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+    _perturb(trainer.model, init_noise)
     trainer.fit()
     return trainer
+
+
+def _perturb(model, init_noise: float) -> None:
+    """Scale every weight by (1 + init_noise * N(0, 1)), seeded: the noise-floor runs."""
+    if not init_noise:
+        return
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1 + init_noise * torch.randn(param.shape, generator=gen, dtype=param.dtype))
 
 
 def _assert_same_rows(got_dir, expected_dir, key: str, tol: dict, name: str) -> None:
@@ -422,11 +428,7 @@ def _reference_and_noise_floor(cfg, loader_cfg=None) -> tuple[Trainer, dict, flo
         trainer = Trainer(dataclasses.replace(cfg, out_dir=f"{cfg.out_dir}{out}"))
         if loader_cfg is not None:
             trainer.loader = _MicrobatchLoader(loader_cfg, 2)
-        if init_noise:
-            gen = torch.Generator().manual_seed(0)
-            with torch.no_grad():
-                for param in trainer.model.parameters():
-                    param.mul_(1 + init_noise * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+        _perturb(trainer.model, init_noise)
         trainer.fit()
         return trainer
 
