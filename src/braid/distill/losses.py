@@ -13,13 +13,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from braid.distill.mixing import matrix_orientation_loss
+from braid.distill.mixing import mixing_matrix, orientation_to
 from braid.model.decoder import Decoder
 
 
+def direct_call(module, fn, *args):
+    """fn(*args): how the stage losses run work that belongs to `module` in one process. A
+    sharded run passes braid.distill.parallel.fsdp_call, which gathers the module's weights
+    around fn (FSDP2 gathers them only for the module's own forward)."""
+    return fn(*args)
+
+
 @torch.no_grad()
-def teacher_block_inputs(teacher: Decoder, tokens_BT: Tensor, doc_ids_BT: Tensor | None = None) -> list[Tensor]:
+def teacher_block_inputs(
+    teacher: Decoder, tokens_BT: Tensor, doc_ids_BT: Tensor | None = None, *, call=direct_call
+) -> list[Tensor]:
     """The input h_BTD of every teacher block, plus the last block's output at the end."""
+    return call(teacher, _block_inputs, teacher, tokens_BT, doc_ids_BT)
+
+
+def _block_inputs(teacher: Decoder, tokens_BT: Tensor, doc_ids_BT: Tensor | None) -> list[Tensor]:
     h_BTD = teacher.tok_embeddings(tokens_BT)
     hidden = [h_BTD]
     for block in teacher.layers.values():
@@ -28,43 +41,75 @@ def teacher_block_inputs(teacher: Decoder, tokens_BT: Tensor, doc_ids_BT: Tensor
     return hidden
 
 
-def _distilled_layers(student: Decoder, teacher: Decoder) -> list[str]:
+def _distilled_layers(student: Decoder, teacher: Decoder, stage: int) -> list[str]:
     if list(student.layers) != list(teacher.layers):
         raise ValueError(
             f"distill: student layers {list(student.layers)} differ from the teacher's {list(teacher.layers)}; "
             "build the student with braid.distill.student_config"
         )
-    return [key for key, block in student.layers.items() if block.spec.mixer != "attention"]
+    keys = [key for key, block in student.layers.items() if block.spec.mixer != "attention"]
+    if not keys:
+        raise ValueError(f"distill: the student keeps attention in every layer; stage {stage} has nothing to fit")
+    return keys
+
+
+def _student_input(h_BTD: Tensor, input_grad: bool) -> Tensor:
+    """A block's input from the teacher; with input_grad a leaf that requires grad, so that a
+    sharded block's FSDP post-backward hook (reshard, reduce-scatter) fires as soon as its own
+    backward is done rather than at the end of the whole backward."""
+    return h_BTD.detach().requires_grad_(True) if input_grad else h_BTD
+
+
+def _teacher_mixing(block, h_BTD: Tensor, doc_ids_BT: Tensor | None, block_size: int):
+    x_BTD = block.mixer_norm(h_BTD)
+    return x_BTD, mixing_matrix(block.mixer, x_BTD, doc_ids_BT, block_size)
 
 
 def stage1_loss(
-    student: Decoder, teacher: Decoder, tokens_BT: Tensor, doc_ids_BT: Tensor | None = None, block_size: int = 64
+    student: Decoder,
+    teacher: Decoder,
+    tokens_BT: Tensor,
+    doc_ids_BT: Tensor | None = None,
+    block_size: int = 64,
+    *,
+    call=direct_call,
+    input_grad: bool = False,
 ) -> Tensor:
     """Mean over the student's non-attention layers of the mixing-matrix distance on the
-    teacher's normed block input (layers independent: each sees the teacher's hidden state)."""
-    hidden = teacher_block_inputs(teacher, tokens_BT, doc_ids_BT)
-    keys = _distilled_layers(student, teacher)
-    if not keys:
-        raise ValueError("distill: the student keeps attention in every layer; stage 1 has nothing to fit")
+    teacher's normed block input (layers independent: each sees the teacher's hidden state).
+    call / input_grad: see direct_call and _student_input (sharded runs)."""
+    hidden = teacher_block_inputs(teacher, tokens_BT, doc_ids_BT, call=call)
+    keys = _distilled_layers(student, teacher, 1)
     total = 0.0
     for key in keys:
+        teacher_block, student_block = teacher.layers[key], student.layers[key]
         with torch.no_grad():
-            x_BTD = teacher.layers[key].mixer_norm(hidden[int(key)])
-        student_mixer, teacher_mixer = student.layers[key].mixer, teacher.layers[key].mixer
-        total = total + matrix_orientation_loss(student_mixer, teacher_mixer, x_BTD, doc_ids_BT, block_size)
+            x_BTD, teacher_matrix = call(
+                teacher_block, _teacher_mixing, teacher_block, hidden[int(key)], doc_ids_BT, block_size
+            )
+        x_BTD = _student_input(x_BTD, input_grad)
+        total = total + call(
+            student_block, orientation_to, student_block.mixer, teacher_matrix, x_BTD, doc_ids_BT, block_size
+        )
     return total / len(keys)
 
 
-def stage2_loss(student: Decoder, teacher: Decoder, tokens_BT: Tensor, doc_ids_BT: Tensor | None = None) -> Tensor:
+def stage2_loss(
+    student: Decoder,
+    teacher: Decoder,
+    tokens_BT: Tensor,
+    doc_ids_BT: Tensor | None = None,
+    *,
+    call=direct_call,
+    input_grad: bool = False,
+) -> Tensor:
     """Mean over the student's non-attention blocks of the mean squared error between student
     and teacher block outputs, each block fed the teacher's block input."""
-    hidden = teacher_block_inputs(teacher, tokens_BT, doc_ids_BT)
-    keys = _distilled_layers(student, teacher)
-    if not keys:
-        raise ValueError("distill: the student keeps attention in every layer; stage 2 has nothing to fit")
+    hidden = teacher_block_inputs(teacher, tokens_BT, doc_ids_BT, call=call)
     total = 0.0
+    keys = _distilled_layers(student, teacher, 2)
     for key in keys:
-        out_BTD, _ = student.layers[key](hidden[int(key)], doc_ids_BT)
+        out_BTD, _ = student.layers[key](_student_input(hidden[int(key)], input_grad), doc_ids_BT)
         total = total + F.mse_loss(out_BTD.float(), hidden[int(key) + 1].float())
     return total / len(keys)
 

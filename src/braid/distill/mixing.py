@@ -202,6 +202,12 @@ def matrix_orientation_loss(
     """
     with torch.no_grad():
         teacher = mixing_matrix(teacher_mixer, x_BTD, doc_ids_BT, block_size)
+    return orientation_to(student_mixer, teacher, x_BTD, doc_ids_BT, block_size)
+
+
+def orientation_to(student_mixer, teacher, x_BTD: Tensor, doc_ids_BT: Tensor | None, block_size: int) -> Tensor:
+    """The student's half of matrix_orientation_loss: its mixing matrix on x_BTD against the
+    teacher's, already materialised (lazily, as mixing_matrix returns it)."""
     student = mixing_matrix(student_mixer, x_BTD, doc_ids_BT, block_size)
     if student.num_heads != teacher.num_heads:
         raise ValueError(
@@ -211,4 +217,7 @@ def matrix_orientation_loss(
     return orientation_loss(student, teacher, x_BTD.shape[1], block_size)
 
 
-__all__ = ["SSDMatrix", "SoftmaxMatrix", "dense_matrix", "matrix_orientation_loss", "mixing_matrix", "orientation_loss"]
+__all__ = [
+    "SSDMatrix", "SoftmaxMatrix", "dense_matrix", "matrix_orientation_loss", "mixing_matrix", "orientation_loss",
+    "orientation_to",
+]

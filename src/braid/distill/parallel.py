@@ -19,11 +19,11 @@ root's forward. On a sharded module those would see 1/N of each weight (as DTens
 `fsdp_call(module, fn, *args)` runs fn(*args) between the module's FSDP pre- and
 post-forward hooks (torch's register_fsdp_forward_method), so fn sees the unit's whole
 parameters and, under grad, the unit's gradients are reduce-scattered in backward as for a
-forward. The sharded stage losses below are the ops of braid.distill.losses in the same
-order, each block's work inside a call of that block, the embedding inside a call of the
-root. The student's block inputs (the teacher's hidden states) are made to require grad, so
-FSDP's post-backward hook of each block fires as soon as that block's backward is done
-(reshard and reduce-scatter per block, as in training) instead of at the end of backward.
+forward. braid.distill.losses runs each block's work, and the embedding, through such a
+call (`call=fsdp_call`), and with `input_grad=True` makes the student's block inputs (the
+teacher's hidden states) require grad, so FSDP's post-backward hook of each block fires as
+soon as that block's backward is done (reshard and reduce-scatter per block, as in
+training) instead of at the end of backward.
 
 FSDP2 makes the first unit to run forward the root of its tree, so sharding runs each
 root once (a no-op call) before any block runs alone. The teacher never runs backward, so
@@ -46,10 +46,9 @@ from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from braid.data.packing import IGNORE_INDEX
-from braid.distill.losses import _distilled_layers, kd_loss, stage1_loss, stage2_loss, stage3_loss, teacher_block_inputs
-from braid.distill.mixing import mixing_matrix, orientation_loss
+from braid.distill.losses import kd_loss, stage1_loss, stage2_loss, stage3_loss
 from braid.parallel.fsdp import apply_fsdp
-from braid.train.distributed import env_world_size, init_process_group, local_device
+from braid.train.distributed import env_world_size, init_process_group, local_device, read_as_shards
 
 _CALL = "_braid_fsdp_call"
 
@@ -119,19 +118,9 @@ def setup_world(device: str) -> World:
 
 
 def virtual_ranks(read_as_dp: int, batch_size: int, rank: int, world_size: int) -> list[int]:
-    """The data shards (of read_as_dp, or of world_size) that `rank` reads, batch_size //
-    len(shards) rows each, stacked: read_as_dp = m lets fewer processes read exactly the
-    batches of an m-rank run (the trainer's data.read_as_dp)."""
-    if read_as_dp == 1:
-        return [rank]
-    per_rank, rest = divmod(read_as_dp, world_size)
-    if read_as_dp < 1 or rest or per_rank == 0 or batch_size % per_rank:
-        raise ValueError(
-            f"--read-as-dp {read_as_dp} must be a multiple of the number of processes {world_size}, and "
-            f"--batch-size {batch_size} a multiple of read_as_dp / processes = {max(per_rank, 1)}; "
-            "use 1 to read as this run's own ranks"
-        )
-    return list(range(rank * per_rank, (rank + 1) * per_rank))
+    """The data shards (of read_as_dp, or of world_size) that `rank` reads, stacked: the
+    trainer's data.read_as_dp rule (braid.train.distributed.read_as_shards) for --read-as-dp."""
+    return read_as_shards(read_as_dp, batch_size, rank, world_size, ("--read-as-dp ", "--batch-size "))
 
 
 def _forward_with(self, fn, *args):
@@ -212,69 +201,7 @@ def end_teacher_step(teacher: nn.Module) -> None:
     _reset(teacher)
 
 
-# ---- the stage losses over sharded modules (the ops of braid.distill.losses, same order) ----
-
-
-def _grad_input(h_BTD: Tensor) -> Tensor:
-    return h_BTD.detach().requires_grad_(True)
-
-
-@torch.no_grad()
-def sharded_teacher_block_inputs(teacher: nn.Module, tokens_BT: Tensor, doc_ids_BT: Tensor | None) -> list[Tensor]:
-    """teacher_block_inputs, with the teacher's root (its embedding) all-gathered."""
-    return fsdp_call(teacher, teacher_block_inputs, teacher, tokens_BT, doc_ids_BT)
-
-
-def _teacher_mixing(block, h_BTD: Tensor, doc_ids_BT: Tensor | None, block_size: int):
-    x_BTD = block.mixer_norm(h_BTD)
-    return x_BTD, mixing_matrix(block.mixer, x_BTD, doc_ids_BT, block_size)
-
-
-def _student_orientation(mixer, teacher_matrix, x_BTD: Tensor, doc_ids_BT: Tensor | None, block_size: int) -> Tensor:
-    student_matrix = mixing_matrix(mixer, x_BTD, doc_ids_BT, block_size)
-    if student_matrix.num_heads != teacher_matrix.num_heads:
-        raise ValueError(
-            f"matrix_orientation_loss: student has {student_matrix.num_heads} heads, teacher "
-            f"{teacher_matrix.num_heads}; build the student with braid.distill.student_config so the heads line up"
-        )
-    return orientation_loss(student_matrix, teacher_matrix, x_BTD.shape[1], block_size)
-
-
-def _keys(student, teacher, stage: int) -> list[str]:
-    keys = _distilled_layers(student, teacher)
-    if not keys:
-        raise ValueError(f"distill: the student keeps attention in every layer; stage {stage} has nothing to fit")
-    return keys
-
-
-def sharded_stage1_loss(student, teacher, tokens_BT: Tensor, doc_ids_BT: Tensor | None, block_size: int) -> Tensor:
-    """stage1_loss with each block's work inside an FSDP call of that block."""
-    hidden = sharded_teacher_block_inputs(teacher, tokens_BT, doc_ids_BT)
-    keys = _keys(student, teacher, 1)
-    total = 0.0
-    for key in keys:
-        with torch.no_grad():
-            teacher_block = teacher.layers[key]
-            x_BTD, teacher_matrix = fsdp_call(
-                teacher_block, _teacher_mixing, teacher_block, hidden[int(key)], doc_ids_BT, block_size
-            )
-        student_block = student.layers[key]
-        total = total + fsdp_call(
-            student_block, _student_orientation, student_block.mixer, teacher_matrix, _grad_input(x_BTD),
-            doc_ids_BT, block_size,
-        )
-    return total / len(keys)
-
-
-def sharded_stage2_loss(student, teacher, tokens_BT: Tensor, doc_ids_BT: Tensor | None) -> Tensor:
-    """stage2_loss with the teacher's embedding inside a call of its root."""
-    hidden = sharded_teacher_block_inputs(teacher, tokens_BT, doc_ids_BT)
-    keys = _keys(student, teacher, 2)
-    total = 0.0
-    for key in keys:
-        out_BTD, _ = student.layers[key](_grad_input(hidden[int(key)]), doc_ids_BT)
-        total = total + F.mse_loss(out_BTD.float(), hidden[int(key) + 1].float())
-    return total / len(keys)
+# ---- stage 3 over ranks (stages 1 and 2 are braid.distill.losses with call=fsdp_call) ----
 
 
 def sharded_stage3_loss(
@@ -311,9 +238,9 @@ def stage_loss(stage: int, student, teacher, batch: dict, world: World, *, block
         return stage3_loss(student, teacher, tokens_BT, doc_ids_BT, batch["labels"], temperature, ce_weight)
     try:
         if stage == 1:
-            return sharded_stage1_loss(student, teacher, tokens_BT, doc_ids_BT, block_size)
+            return stage1_loss(student, teacher, tokens_BT, doc_ids_BT, block_size, call=fsdp_call, input_grad=True)
         if stage == 2:
-            return sharded_stage2_loss(student, teacher, tokens_BT, doc_ids_BT)
+            return stage2_loss(student, teacher, tokens_BT, doc_ids_BT, call=fsdp_call, input_grad=True)
         return sharded_stage3_loss(
             student, teacher, tokens_BT, doc_ids_BT, batch["labels"], temperature, ce_weight, world
         )

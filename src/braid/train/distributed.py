@@ -175,13 +175,22 @@ def resplit_loader_state(states: list[dict[str, Any]], dp_rank: int, dp_size: in
 
 def virtual_dp_ranks(data: DataConfig, dp_rank: int, dp_size: int) -> list[int]:
     """The data-parallel shards (of data.read_as_dp, or of dp_size) that dp rank `dp_rank` reads."""
-    if data.read_as_dp == 1:
-        return [dp_rank]
-    per_rank, rest = divmod(data.read_as_dp, dp_size)
-    if rest or per_rank == 0 or data.batch_size % per_rank:
+    return read_as_shards(data.read_as_dp, data.batch_size, dp_rank, dp_size)
+
+
+def read_as_shards(
+    read_as: int, batch_size: int, rank: int, size: int, flags: tuple[str, str] = ("data.read_as_dp=", "data.batch_size=")
+) -> list[int]:
+    """The shards (of read_as data-parallel ranks, or of size) that rank `rank` of `size`
+    reads, batch_size // len(shards) rows each: read_as = m lets fewer processes read exactly
+    the batches of an m-rank run. flags: how the two settings are named in errors."""
+    if read_as == 1:
+        return [rank]
+    per_rank, rest = divmod(read_as, size)
+    if read_as < 1 or rest or per_rank == 0 or batch_size % per_rank:
         raise ValueError(
-            f"data.read_as_dp={data.read_as_dp} must be a multiple of the data-parallel size {dp_size}, and "
-            f"data.batch_size={data.batch_size} a multiple of read_as_dp/dp = {max(per_rank, 1)}; "
-            "change data.read_as_dp (1: read as this run's own ranks)"
+            f"{flags[0]}{read_as} must be a multiple of the data-parallel size {size}, and "
+            f"{flags[1]}{batch_size} a multiple of read_as_dp / dp = {max(per_rank, 1)}; "
+            f"change {flags[0].rstrip('= ')} (1: read as this run's own ranks)"
         )
-    return list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+    return list(range(rank * per_rank, (rank + 1) * per_rank))
