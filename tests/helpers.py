@@ -2,7 +2,10 @@
 
 import dataclasses
 
+import torch
+
 from braid.configs import model_config
+from braid.data.packing import IGNORE_INDEX
 from braid.model import ModelConfig
 
 ALL_KINDS = "M- S8E GF A- M S6F"  # Mamba-2, GLA, sliding and full attention; MLP, MoE, MatFormer
@@ -26,3 +29,14 @@ def small_model_config(pattern: str = ALL_KINDS, **changes) -> ModelConfig:
         matformer=dataclasses.replace(cfg.matformer, d_ff=64),
     )
     return dataclasses.replace(small, **changes)
+
+
+def packed_batch(step: int, vocab_size: int, batch_size: int = 8, seq_len: int = 24) -> dict[str, torch.Tensor]:
+    """Packed rows of random documents (seeded by step); no target crosses a document end."""
+    g = torch.Generator().manual_seed(100 + step)
+    tokens = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)
+    doc_ids = torch.cumsum((torch.rand(batch_size, seq_len, generator=g) < 0.15).long(), dim=1)
+    labels = tokens.roll(-1, dims=1)
+    labels[:, -1] = IGNORE_INDEX
+    labels[:, :-1][doc_ids[:, 1:] != doc_ids[:, :-1]] = IGNORE_INDEX
+    return {"input_ids": tokens, "labels": labels, "doc_ids": doc_ids}

@@ -41,7 +41,7 @@ from braid.parallel.ep import ExpertParallelMoE, update_moe_bias
 from braid.parallel.loss import parallel_cross_entropy
 from braid.parallel.pipeline import IGNORE_INDEX, build_pipeline, pipeline_step
 from braid.parallel.testing import run_distributed
-from tests.helpers import small_model_config
+from tests.helpers import packed_batch, small_model_config
 
 SEED = 3
 STEPS = 5
@@ -62,14 +62,7 @@ def composed_cfg() -> ModelConfig:
 
 
 def make_batch(step: int, vocab_size: int) -> dict[str, torch.Tensor]:
-    """Packed rows of random documents; no target crosses a document end."""
-    g = torch.Generator().manual_seed(100 + step)
-    tokens = torch.randint(0, vocab_size, (GLOBAL_BATCH, SEQ_LEN), generator=g)
-    doc_ids = torch.cumsum((torch.rand(GLOBAL_BATCH, SEQ_LEN, generator=g) < 0.15).long(), dim=1)
-    labels = tokens.roll(-1, dims=1)
-    labels[:, -1] = IGNORE_INDEX
-    labels[:, :-1][doc_ids[:, 1:] != doc_ids[:, :-1]] = IGNORE_INDEX
-    return {"input_ids": tokens, "labels": labels, "doc_ids": doc_ids}
+    return packed_batch(step, vocab_size, GLOBAL_BATCH, SEQ_LEN)
 
 
 def num_targets(batch: dict[str, torch.Tensor]) -> int:

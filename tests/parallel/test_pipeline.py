@@ -38,7 +38,7 @@ from braid.parallel.pipeline import (
     stage_ids_for_rank,
 )
 from braid.parallel.testing import run_distributed
-from tests.helpers import ALL_KINDS, small_model_config
+from tests.helpers import ALL_KINDS, packed_batch, small_model_config
 
 SEED = 3
 STEPS = 5
@@ -59,15 +59,7 @@ def small_cfg(pattern: str = ALL_KINDS, **changes) -> ModelConfig:
     return dataclasses.replace(cfg, **{"moe": dataclasses.replace(cfg.moe, bias_balancing=True), **changes})
 
 
-def make_batch(step: int, vocab_size: int, batch_size: int = 8, seq_len: int = 24) -> dict[str, torch.Tensor]:
-    """Packed rows of random documents; no target crosses a document end."""
-    g = torch.Generator().manual_seed(100 + step)
-    tokens = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)
-    doc_ids = torch.cumsum((torch.rand(batch_size, seq_len, generator=g) < 0.15).long(), dim=1)
-    labels = tokens.roll(-1, dims=1)
-    labels[:, -1] = IGNORE_INDEX
-    labels[:, :-1][doc_ids[:, 1:] != doc_ids[:, :-1]] = IGNORE_INDEX
-    return {"input_ids": tokens, "labels": labels, "doc_ids": doc_ids}
+make_batch = packed_batch
 
 
 def train_single_process(cfg: ModelConfig) -> tuple[list[float], list[dict], dict]:
