@@ -535,3 +535,21 @@ def test_triton_norm_kernels_match_the_reference_interpreted():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("ok ") == 2 * len(NORM_CASES), result.stdout
+
+
+def test_backend_probe_runs_outside_torch_compile(monkeypatch):
+    """The first probe of a backend (its import) may be reached inside a torch.compile trace: it
+    runs eagerly (dynamo tracing fla's import fails), and the compiled function still works."""
+    monkeypatch.setattr(backend, "_probed", {})
+    monkeypatch.setattr(backend, "_broken", {})
+    imported = []
+    monkeypatch.setattr(backend, "_probe", lambda module: imported.append(torch.compiler.is_compiling()))
+
+    @torch.compile(backend="eager")
+    def f(x):
+        return x + 1 if backend.available("gla", "fla") else x - 1
+
+    assert f(torch.zeros(2)).tolist() == [1.0, 1.0]
+    assert imported == [False]
+    backend.probe_all()
+    assert set(backend._probed) == set(backend.BACKEND_MODULES.values())

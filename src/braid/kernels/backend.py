@@ -156,27 +156,40 @@ def backend_module(op: str, backend: str):
 
 
 def available(op: str, backend: str) -> bool:
-    """Whether the fast backend imports here (probed once per module)."""
+    """Whether the fast backend imports here and is not known broken (probed once per module)."""
+    module = BACKEND_MODULES[(op, backend)]
+    if module not in _probed or (op, backend) not in _broken:
+        _probe_once(op, backend)
+    return _probed[module] is None and _broken[(op, backend)] is None
+
+
+@torch.compiler.disable
+def _probe_once(op: str, backend: str) -> None:
+    """Import the backend's module and run its known-broken check, outside any torch.compile
+    trace: dynamo tracing the import of fla fails (its module-level torch version check raises
+    under dynamo; torch 2.11, fla 0.6.0). `probe_all` before compiling avoids even this break."""
     module = BACKEND_MODULES[(op, backend)]
     if module not in _probed:
         reason = _probed[module] = _probe(module)
         # A package that is not installed is expected; one that is installed but fails is news.
         if reason is not None and not reason.startswith("ModuleNotFoundError") and torch.cuda.is_available():
-            warnings.warn(f"braid kernels: backend {backend!r} for {op!r} is unavailable: {reason}", stacklevel=2)
-    return _probed[module] is None and _broken_reason(op, backend) is None
-
-
-def _broken_reason(op: str, backend: str) -> str | None:
+            warnings.warn(f"braid kernels: backend {backend!r} for {op!r} is unavailable: {reason}", stacklevel=3)
     if (op, backend) not in _broken:
         check = KNOWN_BROKEN.get((op, backend))
         _broken[(op, backend)] = check() if check is not None else None
-    return _broken[(op, backend)]
+
+
+def probe_all() -> None:
+    """Import every fast backend now (before torch.compile traces a model that dispatches to them)."""
+    for op, backends in FAST_BACKENDS.items():
+        for backend in backends:
+            available(op, backend)
 
 
 def unavailable_reason(op: str, backend: str) -> str | None:
     """Why a backend cannot run here (None if it can)."""
     available(op, backend)
-    return _probed[BACKEND_MODULES[(op, backend)]] or _broken_reason(op, backend)
+    return _probed[BACKEND_MODULES[(op, backend)]] or _broken[(op, backend)]
 
 
 def _plain_cuda(tensors: Iterable[Tensor | None]) -> bool:
@@ -191,10 +204,13 @@ def _plain_cuda(tensors: Iterable[Tensor | None]) -> bool:
     return seen
 
 
-def pick(op: str, *tensors: Tensor | None, unsupported: Iterable[str] = ()) -> str:
+def pick(
+    op: str, *tensors: Tensor | None, unsupported: Iterable[str] = (), order: tuple[str, ...] | None = None
+) -> str:
     """The backend that runs `op` on these input tensors: a fast backend's name or "reference".
 
-    `unsupported` names fast backends that cannot run this particular call.
+    `unsupported` names fast backends that cannot run this particular call; `order` replaces
+    the op's preference list under auto for a kind of call that another backend serves best.
     """
     choice = _settings.get(op, _default[0])
     if choice == REFERENCE or not _plain_cuda(tensors):
@@ -202,7 +218,7 @@ def pick(op: str, *tensors: Tensor | None, unsupported: Iterable[str] = ()) -> s
     if op in FUSED_BY_COMPILE and torch.compiler.is_compiling():
         return REFERENCE
     excluded = set(unsupported)
-    candidates = FAST_BACKENDS[op] if choice == AUTO else (choice,)
+    candidates = (order or FAST_BACKENDS[op]) if choice == AUTO else (choice,)
     for backend in candidates:
         if backend not in excluded and available(op, backend):
             return backend

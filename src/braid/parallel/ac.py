@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from braid.kernels.backend import probe_all
+
 __all__ = ["apply_ac", "apply_compile", "checkpointed_layers"]
 
 
@@ -60,7 +62,9 @@ def checkpointed_layers(model_part: nn.Module) -> list[str]:
 
 def apply_compile(model_part: nn.Module, **compile_kwargs) -> nn.Module:
     """torch.compile each block in place (nn.Module.compile: parameter names and state-dict
-    keys are unchanged, so checkpoints load as before). Returns model_part."""
+    keys are unchanged, so checkpoints load as before). Returns model_part. The kernel backends
+    are imported first: dynamo must not trace their imports (fla's fails under it)."""
+    probe_all()
     for block in model_part.layers.values():
         block.compile(**compile_kwargs)
     return model_part

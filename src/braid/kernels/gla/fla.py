@@ -10,10 +10,15 @@ Legend: B batch, T time, H heads, K key head dim, V value head dim.
 
 from __future__ import annotations
 
+import torch
 from fla.ops.gla import chunk_gla, fused_recurrent_gla
 from torch import Tensor
 
 from braid.kernels.gla.packed import gla_step_via_recurrent, gla_via_packed
+
+# Opaque to torch.compile (graph breaks), as braid.kernels.ssd.fla's kernels.
+chunk_gla = torch.compiler.disable(chunk_gla)
+fused_recurrent_gla = torch.compiler.disable(fused_recurrent_gla)
 
 
 def gla_fla(q_BTHK: Tensor, k_BTHK: Tensor, v_BTHV: Tensor, g_BTHK: Tensor, **kwargs):

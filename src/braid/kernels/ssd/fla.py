@@ -10,11 +10,18 @@ Shape legend: B batch, T time, H heads, P head dim, G groups of B/C, N state dim
 
 from __future__ import annotations
 
+import torch
 from fla.modules.causal_conv1d import causal_conv1d as fla_causal_conv1d
 from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 from torch import Tensor
 
 from braid.kernels.ssd.packed import causal_conv1d_via_packed, ssd_step_via_simple_gla, ssd_via_simple_gla
+
+# Opaque to torch.compile (graph breaks): dynamo tracing fla's Python fails in a fresh process
+# (its torch version check raises inside dynamo; torch 2.11, fla 0.6.0, seen 2026-11-28).
+fla_causal_conv1d = torch.compiler.disable(fla_causal_conv1d)
+chunk_simple_gla = torch.compiler.disable(chunk_simple_gla)
+fused_recurrent_simple_gla = torch.compiler.disable(fused_recurrent_simple_gla)
 
 
 def ssd_fla(x_BTHP: Tensor, dt_BTH: Tensor, A_H: Tensor, B_BTGN: Tensor, C_BTGN: Tensor, **kwargs):

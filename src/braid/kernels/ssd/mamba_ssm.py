@@ -18,6 +18,7 @@ import importlib.util
 import sys
 import types
 
+import torch
 from torch import Tensor
 
 from braid.kernels.varlen import segment_index_BT
@@ -44,7 +45,8 @@ def _load_ssd_combined():
         raise ImportError(f"mamba_ssm's Triton SSD does not load: {type(error).__name__}: {error}") from error
 
 
-mamba_chunk_scan_combined = _load_ssd_combined().mamba_chunk_scan_combined
+# Opaque to torch.compile (a graph break): dynamo does not trace mamba_ssm's Python.
+mamba_chunk_scan_combined = torch.compiler.disable(_load_ssd_combined().mamba_chunk_scan_combined)
 
 
 def _chunk_length(chunk_size: int) -> int:
