@@ -190,7 +190,13 @@ def bench_attention(bench: Bench) -> None:
               backend=("attention", "flex", probe))
     bench.add("attention", "full: flash-attn", shape, make(None), flops=full, force="attention=flash_attn",
               backend=("attention", "flash_attn", probe))
+    bench.add("attention", "full: cudnn band", shape, make(None), flops=full, force="attention=cudnn",
+              backend=("attention", "cudnn", probe))
     bench.add("attention", "full: reference (fp32 sdpa)", shape, make(None), flops=full, force="reference")
+    bench.add("attention", f"window {window}: cudnn", shape, make(window), flops=slide, force="attention=cudnn",
+              backend=("attention", "cudnn", probe))
+    bench.add("attention", f"window {window} + docs: cudnn", shape, make(window, docs), flops=slide,
+              force="attention=cudnn", backend=("attention", "cudnn", probe))
     bench.add("attention", f"window {window}: flex", shape, make(window), flops=slide, force="attention=flex",
               backend=("attention", "flex", probe))
     bench.add("attention", f"window {window}: flash-attn", shape, make(window), flops=slide,
@@ -390,7 +396,7 @@ def summary(bench: Bench) -> list[str]:
         ms, tf, gb, pct, gib, first = ("-" if c is None else str(c) for c in cells)
         lines.append(f"{r.op:11s} {r.variant:30s} {ms:>9s} {tf:>8s} {gb:>7s} {pct:>6s} {gib:>6s} {first:>7s}  {r.note}")
     full, full_flex = bench.ms("attention", "full: sdpa (cuDNN)"), bench.ms("attention", "full: flex")
-    for name in ("flex", "torch flash", "flash-attn"):
+    for name in ("cudnn", "flex", "torch flash", "flash-attn"):
         slide = bench.ms("attention", f"window 1024: {name}")
         if full and slide:
             verdict = "meets" if full / slide >= 3 else "misses"

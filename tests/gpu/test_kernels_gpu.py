@@ -352,6 +352,12 @@ ATTENTION_CASES = [
     ("torch_flash", 64, False, torch.bfloat16, 63),
     ("torch_flash", None, True, torch.bfloat16, 1000),
     ("torch_flash", 1024, False, torch.bfloat16, 1),
+    ("cudnn", 64, False, torch.bfloat16, 1000),
+    ("cudnn", 64, True, torch.bfloat16, 1000),
+    ("cudnn", None, True, torch.bfloat16, 1000),
+    ("cudnn", 64, True, torch.bfloat16, 63),
+    ("cudnn", 1024, False, torch.bfloat16, 2),
+    ("cudnn", 1024, True, torch.bfloat16, 2),
 ]
 
 

@@ -98,7 +98,8 @@ def fake_gpu(monkeypatch):
 def test_pick_follows_preference_and_unsupported(fake_gpu):
     t = torch.zeros(1)
     assert pick("attention", t) == "sdpa"
-    assert pick("attention", t, unsupported=["sdpa"]) == "flex"  # flash_attn does not import
+    assert pick("attention", t, unsupported=["sdpa"]) == "cudnn"  # flash_attn does not import
+    assert pick("attention", t, unsupported=["sdpa", "cudnn"]) == "flex"
     assert pick("ssd", t) == "fla"
     assert pick("ssd", t, unsupported=["fla"]) == "mamba_ssm"
     assert pick("ssd", t, unsupported=["fla", "mamba_ssm"]) == "reference"
@@ -142,30 +143,40 @@ def test_ssd_dispatch_excludes_mamba_ssm_for_documents_with_a_state(fake_gpu, mo
     assert seen == [(), ("mamba_ssm",)]
 
 
-def test_attention_dispatch_routes_windows_and_documents(fake_gpu, monkeypatch):
+@pytest.mark.parametrize("cudnn_imports", [False, True], ids=["no_cudnn_frontend", "cudnn_frontend"])
+def test_attention_dispatch_routes_windows_and_documents(fake_gpu, monkeypatch, cudnn_imports):
     from types import SimpleNamespace
 
     from braid.kernels import attention as attention_module
 
+    monkeypatch.setattr(backend, "available", lambda op, name: name != "flash_attn" and (cudnn_imports or name != "cudnn"))
     calls = []
     fake = SimpleNamespace(
         causal_sdpa=lambda q, k, v, scale: calls.append(("sdpa", None, None)) or q,
+        attention_cudnn=lambda q, k, v, window, doc_ids_BT, scale: calls.append(("cudnn", window, doc_ids_BT)) or q,
         attention_flex=lambda q, k, v, window, doc_ids_BT, scale: calls.append(("flex", window, doc_ids_BT)) or q,
         attention_torch_flash=lambda q, k, v, window, doc_ids_BT, scale: calls.append(("torch_flash", window, None))
         or q,
     )
     monkeypatch.setattr(attention_module, "backend_module", lambda op, name: fake)
     T = attention_module.FLEX_MIN_LEN + 2
-    q = torch.randn(1, T, 2, 4)
+    q = torch.randn(1, T, 2, 8, dtype=torch.bfloat16)
     doc_ids = (torch.arange(T) >= T // 2).long()[None]
     attention_module.attention(q, q, q)
     attention_module.attention(q, q, q, window=T)  # a window covering T is full causal
     attention_module.attention(q, q, q, window=3)
     attention_module.attention(q, q, q, window=8, doc_ids_BT=doc_ids)
-    short = torch.randn(1, 6, 2, 4, dtype=torch.bfloat16)
+    short = torch.randn(1, 6, 2, 8, dtype=torch.bfloat16)
     attention_module.attention(short, short, short, window=3)  # under one flex block
+    attention_module.attention(q.float(), q.float(), q.float(), window=3)  # cudnn: half precision only
+    banded = "cudnn" if cudnn_imports else "flex"
+    # Documents try flex first (DOCUMENT_ORDER); under one flex block cuDNN takes them.
+    short_docs = doc_ids[:, :6]
+    attention_module.attention(short, short, short, window=3, doc_ids_BT=short_docs)
     assert calls == [
-        ("sdpa", None, None), ("sdpa", None, None), ("flex", 3, None), ("flex", 8, doc_ids), ("torch_flash", 3, None)
+        ("sdpa", None, None), ("sdpa", None, None), (banded, 3, None), ("flex", 8, doc_ids),
+        ("cudnn" if cudnn_imports else "torch_flash", 3, None), ("flex", 3, None),
+        ("cudnn", 3, short_docs) if cudnn_imports else ("torch_flash", 3, None),
     ]
 
 

@@ -3,9 +3,10 @@
 Legend: B batch, T queries, S keys, H query heads, J key/value heads (H % J == 0), D head dim.
 
 `attention` validates its inputs and picks a backend (braid.kernels.backend). On CUDA: SDPA
-in the inputs' dtype with is_causal (cuDNN) for full causal attention; flash-attn (when it
-imports), FlexAttention block masks, or torch's built-in FlashAttention-2 (varlen, window)
-for sliding windows and documents. The KV-cache path
+in the inputs' dtype with is_causal (cuDNN) for full causal attention; for sliding windows
+flash-attn (when it imports), cuDNN's banded kernels (nvidia-cudnn-frontend, when it imports),
+FlexAttention block masks, then torch's built-in FlashAttention-2 (varlen, window); packed
+documents try FlexAttention before cuDNN (DOCUMENT_ORDER, measured). The KV-cache path
 (positions) and the CPU run `attention_sdpa`: SDPA in float32 with is_causal or an explicit
 boolean mask. `attention_reference` (explicit softmax) is the oracle every backend is held to.
 """
@@ -50,12 +51,16 @@ def attention(
     if q_pos_BT is None:
         window = None if window is not None and window >= q_BTHD.shape[1] else window
         unsupported = _unsupported_backends(q_BTHD, v_BSJD, window, doc_ids_BT)
-        backend = pick("attention", q_BTHD, k_BSJD, v_BSJD, unsupported=unsupported)
+        order = DOCUMENT_ORDER if doc_ids_BT is not None else None
+        backend = pick("attention", q_BTHD, k_BSJD, v_BSJD, unsupported=unsupported, order=order)
         if backend == "sdpa":
             return backend_module("attention", "sdpa").causal_sdpa(q_BTHD, k_BSJD, v_BSJD, scale=scale)
         if backend == "flash_attn":
             module = backend_module("attention", "flash_attn")
             return module.attention_flash(q_BTHD, k_BSJD, v_BSJD, window=window, doc_ids_BT=doc_ids_BT, scale=scale)
+        if backend == "cudnn":
+            module = backend_module("attention", "cudnn")
+            return module.attention_cudnn(q_BTHD, k_BSJD, v_BSJD, window=window, doc_ids_BT=doc_ids_BT, scale=scale)
         if backend == "torch_flash":
             module = backend_module("attention", "torch_flash")
             return module.attention_torch_flash(
@@ -69,6 +74,12 @@ def attention(
         q_pos_BT=q_pos_BT, k_pos_BS=k_pos_BS, k_doc_BS=k_doc_BS, scale=scale,
     )
 
+
+# With packed documents cuDNN's varlen path is slower than FlexAttention's block masks (window
+# 1024, documents of ~1024 tokens, B2 T8192 H16 J4 D64, fwd+bwd on an H200, 2026-11-28: cuDNN 1.63
+# and 1.92 ms, flex 1.11, torch flash 1.18 and 1.50; without documents cuDNN 1.01 and 0.88, flex
+# 1.01): calls with documents try flex first.
+DOCUMENT_ORDER = ("flash_attn", "flex", "cudnn", "torch_flash")
 
 # Below one 128-token block, inductor finds no FlexAttention kernel for document masks
 # (NoValidChoicesError; torch 2.11, H200, seen 2026-11-28): such short calls take the next backend.
@@ -84,7 +95,9 @@ def _unsupported_backends(q_BTHD: Tensor, v_BSJD: Tensor, window: int | None, do
         unsupported.append("flex")
     head_dim = q_BTHD.shape[-1]
     if q_BTHD.dtype not in (torch.float16, torch.bfloat16) or v_BSJD.shape[-1] != head_dim or head_dim > 256:
-        unsupported += ["flash_attn", "torch_flash"]
+        unsupported += ["flash_attn", "cudnn", "torch_flash"]
+    elif q_BTHD.shape[1] == 1 or head_dim % 8:
+        unsupported.append("cudnn")  # cuDNN has no backward for one query and one key
     return unsupported
 
 
