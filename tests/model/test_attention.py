@@ -86,6 +86,28 @@ def test_rope_matches_complex_rotation_and_is_relative():
     torch.testing.assert_close(torch.stack(dots), dots[0].expand(3), **F64)
 
 
+def test_rope_tables_stay_one_opaque_op_under_compile():
+    """torch.compile sees the cos/sin tables as one op (inductor must not inline the trig into
+    every head's rotation) and computes what eager does; gradients flow to x only."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    pos = torch.arange(6).expand(2, 6)
+    x = torch.randn(2, 6, 3, 8, requires_grad=True)
+
+    def rotate(x, pos):
+        cos, sin = rope_cos_sin(pos, 8, 10_000.0, torch.float32)
+        return apply_rope(x, cos, sin)
+
+    recorder = EagerAndRecordGraphs()
+    compiled = torch.compile(rotate, backend=recorder, fullgraph=True)
+    torch.testing.assert_close(compiled(x, pos), rotate(x, pos), rtol=0, atol=0)
+    targets = [str(node.target) for node in recorder.graphs[0].graph.nodes if node.op == "call_function"]
+    assert sum("rope_tables" in t for t in targets) == 1
+    assert not any(name in t for t in targets for name in ("cos", "sin"))
+    grad = torch.autograd.grad(compiled(x, pos).sum(), x)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(rotate(x, pos).sum(), x)[0])
+
+
 def test_rope_dtype_and_errors():
     cos, sin = rope_cos_sin(torch.arange(4)[None], 8, 10_000.0, torch.bfloat16)
     assert cos.dtype == sin.dtype == torch.bfloat16 and cos.shape == (1, 4, 8)

@@ -18,11 +18,27 @@ def rope_cos_sin(pos_BT: Tensor, head_dim: int, theta: float, dtype: torch.dtype
     if pos_BT.ndim != 2 or pos_BT.dtype.is_floating_point:
         raise ValueError(f"rope: positions must be an integer (B, T) tensor, got {pos_BT.dtype} {tuple(pos_BT.shape)}")
     compute = torch.float64 if dtype == torch.float64 else torch.float32
+    cos_BTD, sin_BTD = _rope_tables(pos_BT, head_dim, theta, compute == torch.float64)
+    return cos_BTD.to(dtype), sin_BTD.to(dtype)
+
+
+# An opaque op, so that torch.compile materialises the (B, T, D) tables once per call: inlined,
+# inductor recomputed cos and sin for every element of q and k (every head), forward and
+# backward: 9% of a compiled llama-374m step on an H200.
+@torch.library.custom_op("braid::rope_tables", mutates_args=())
+def _rope_tables(pos_BT: Tensor, head_dim: int, theta: float, double: bool) -> tuple[Tensor, Tensor]:
+    compute = torch.float64 if double else torch.float32
     exponent_F = torch.arange(0, head_dim, 2, device=pos_BT.device, dtype=torch.int64).to(compute) / head_dim
     inv_freq_F = 1.0 / (theta**exponent_F)
     angle_BTF = pos_BT.to(compute)[:, :, None] * inv_freq_F
     angle_BTD = torch.cat((angle_BTF, angle_BTF), dim=-1)
-    return angle_BTD.cos().to(dtype), angle_BTD.sin().to(dtype)
+    return angle_BTD.cos(), angle_BTD.sin()
+
+
+@_rope_tables.register_fake
+def _(pos_BT: Tensor, head_dim: int, theta: float, double: bool) -> tuple[Tensor, Tensor]:
+    table = pos_BT.new_empty((*pos_BT.shape, head_dim), dtype=torch.float64 if double else torch.float32)
+    return table, torch.empty_like(table)
 
 
 def apply_rope(x_BTHD: Tensor, cos_BTD: Tensor, sin_BTD: Tensor) -> Tensor:
