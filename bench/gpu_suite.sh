@@ -9,11 +9,12 @@
 # JSON rows to $OUT/*.jsonl (7 files in all). Stages in order, with their limits in s:
 #
 #     tests              pytest -m gpu tests/gpu tests/train/test_gpu.py        T_TESTS   (240)
-#     throughput_llama   llama-374m (LLAMA_COMPILE modes) vs the HF peer          T_LLAMA   (120)
-#                        (PEER_MODES), seq 2048
+#     throughput_llama   llama-374m (LLAMA_COMPILE modes, step-graph) vs the HF   T_LLAMA   (120)
+#                        peer (PEER_MODES, compiled), seq 2048
 #     kernels            bench/kernels.py, sections KERNELS_ONLY (all)           T_KERNELS (100)
 #     throughput_hybrid  hybrid-374m once per BRAID_KERNELS spec in HYBRID_KERNELS T_HYBRID (240) each,
-#                        (HYBRID_COMPILE modes), then llama-374m, at seq 8192      T_LLAMA8K (45)
+#                        (HYBRID_COMPILE modes, block-graph), then llama-374m      T_LLAMA8K (90)
+#                        (LLAMA8K_COMPILE, step-graph: its fastest mode), seq 8192
 #
 # fla autotunes each kernel shape on its first call on a machine (minutes for GLA and SSD,
 # shared by the hybrid and the kernel benchmarks); the results persist in TRITON_CACHE_DIR
@@ -76,7 +77,7 @@ for name in $STAGES; do
     throughput_llama)
         stage throughput_llama "${T_LLAMA:-120}" throughput.log \
             python3 bench/throughput.py --config llama-374m --seq-len 2048 --batch-size 8 --steps 10 --warmup 3 \
-            --compile ${LLAMA_COMPILE:-none block} --peer --peer-modes ${PEER_MODES:-eager compiled} \
+            --compile ${LLAMA_COMPILE:-step-graph} --peer --peer-modes ${PEER_MODES:-compiled} \
             --out "$OUT/throughput.jsonl" ;;
     kernels)
         limit="${T_KERNELS:-100}"
@@ -87,11 +88,11 @@ for name in $STAGES; do
         for spec in ${HYBRID_KERNELS:-auto}; do
             stage throughput_hybrid "${T_HYBRID:-240}" throughput.log \
                 python3 bench/throughput.py --config hybrid-374m --seq-len 8192 --batch-size 2 --steps 10 --warmup 3 \
-                --compile ${HYBRID_COMPILE:-none} --no-peer --kernels "$spec" --out "$OUT/throughput.jsonl"
+                --compile ${HYBRID_COMPILE:-block-graph} --no-peer --kernels "$spec" --out "$OUT/throughput.jsonl"
         done
-        stage throughput_llama8k "${T_LLAMA8K:-45}" throughput.log \
+        stage throughput_llama8k "${T_LLAMA8K:-90}" throughput.log \
             python3 bench/throughput.py --config llama-374m --seq-len 8192 --batch-size 2 --steps 10 --warmup 3 \
-            --compile none --no-peer --out "$OUT/throughput.jsonl" ;;
+            --compile ${LLAMA8K_COMPILE:-step-graph} --no-peer --out "$OUT/throughput.jsonl" ;;
     *)
         echo "unknown stage $name (stages: tests throughput_llama kernels throughput_hybrid)" ;;
     esac
@@ -124,7 +125,7 @@ if kernels:
         print(f"  {r['op']:10s} {r['variant']:30s} {ms:>11s}  {rate:16s} {r['note'][:60]}")
     by = {(r["op"], r["variant"]): r["ms"] for r in kernels}
     full = by.get(("attention", "full: sdpa (cuDNN)"))
-    for name in ("flex", "torch flash", "flash-attn"):
+    for name in ("cudnn", "flex", "torch flash", "flash-attn"):
         slide = by.get(("attention", f"window 1024: {name}"))
         if full and slide:
             print(f"  sliding 1024 ({name}) vs full causal (SDPA) at T=8192: {full / slide:.2f}x (target >= 3x)")

@@ -46,7 +46,7 @@ import torch
 
 from braid.configs import MODEL_CONFIGS
 from braid.configs.bench import BENCH_CONFIGS
-from braid.kernels.backend import current_spec, use_backends
+from braid.kernels.backend import current_spec, probe_all, use_backends
 from braid.kernels.cross_entropy import linear_cross_entropy
 from braid.model import ModelConfig, build_model, flops_per_token, num_params
 from braid.train.cuda_graph import GraphedStep
@@ -158,6 +158,7 @@ def apply_compile(model, mode: str, inductor_mode: str | None = None):
 
 def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
     cfg = resolve_config(args.config, args.seq_len)
+    probe_all()  # import the kernel backends before dynamo traces the calls into them
     graphed = compile_mode.endswith("graph")
     base_mode = {"graph": "none", "block-graph": "block", "step-graph": "step"}.get(compile_mode, compile_mode)
     decoder = build_model(cfg, device=args.device, seed=0).train()
@@ -206,8 +207,10 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
             return eager_step(tokens_BT, labels_BT, doc_ids).clone()  # kept past the step
 
     seconds, losses = timed_steps(step, args.warmup, args.steps, args.device)
-    if args.profile:
-        print_profile(step, args.device)
+    if args.profile or args.trace:
+        # One trace per compile mode when several run: name.json.gz -> name.<mode>.json.gz
+        trace = args.trace and (args.trace if len(args.compile) == 1 else args.trace.replace(".json", f".{compile_mode}.json"))
+        print_profile(step, args.device, stacks=args.profile_stacks, trace=trace)
     if args.sync_debug and not graphed:
         print_syncs(step)
     return Run(
@@ -221,6 +224,7 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
             "model": "braid",
             "config": args.config,
             "compile": compile_mode,
+            "inductor_mode": args.inductor_mode,
             "kernels": current_spec(),
             "doc_len": args.doc_len,
             "params": num_params(cfg),
@@ -253,17 +257,27 @@ def print_syncs(step, depth: int = 14) -> None:
         print(f"## {count}x\n{stack}")
 
 
-def print_profile(step, device: str, rows: int = 25) -> None:
-    """One more step under torch.profiler: the kernels that took the most device time."""
+def print_profile(step, device: str, rows: int = 25, stacks: int = 0, trace: str | None = None) -> None:
+    """One more step under torch.profiler: the kernels that took the most device time; with
+    `stacks`, also the ops grouped by their innermost Python frames (who asked for each copy);
+    with `trace`, a Chrome trace with Python frames (gzipped when the name ends in .gz; read it
+    with bench/trace_summary.py)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, with_stack=bool(stacks or trace)) as prof:
         step()
         if device == "cuda":
             torch.cuda.synchronize()
     sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70), flush=True)
+    if stacks:
+        table = prof.key_averages(group_by_stack_n=stacks).table(
+            sort_by=sort_by, row_limit=2 * rows, max_name_column_width=40, max_src_column_width=90
+        )
+        print(table, flush=True)
+    if trace:
+        prof.export_chrome_trace(trace)
 
 
 def llama_peer(seq_len: int, device: str):
@@ -291,7 +305,7 @@ def run_peer(args: argparse.Namespace, compiled: bool) -> Run:
     optimizer = fused_adamw(model)
     non_embedding = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
     L, h, S = config.num_hidden_layers, config.hidden_size, args.seq_len
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, mode=args.inductor_mode) if compiled else model  # braid's compile mode
     tokens_BT, _, _ = random_batch(config.vocab_size, args.batch_size, args.seq_len, 0, args.device)
 
     def step() -> torch.Tensor:
@@ -305,13 +319,14 @@ def run_peer(args: argparse.Namespace, compiled: bool) -> Run:
     reset_peak_memory(args.device)
     seconds, losses = timed_steps(step, args.warmup, args.steps, args.device)
     return Run(
-        name=f"HF Llama peer {'compiled' if compiled else 'eager'}",
+        name=f"HF Llama peer {'compiled' if compiled else 'eager'}" + (f" [{args.inductor_mode}]" if compiled and args.inductor_mode else ""),
         step_seconds=seconds,
         tokens_per_step=args.batch_size * args.seq_len,
         flops_per_token=6 * non_embedding + 6 * L * h * S,
         peak_mem_gib=peak_memory_gib(args.device),
         losses=losses,
-        extra={"model": "hf-llama", "config": "llama-374m-peer", "compile": "model" if compiled else "none"},
+        extra={"model": "hf-llama", "config": "llama-374m-peer", "compile": "model" if compiled else "none",
+               "inductor_mode": args.inductor_mode},
     )
 
 
@@ -334,7 +349,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--inductor-mode", default=None, choices=("default", "max-autotune-no-cudagraphs"),
-        help="torch.compile mode of braid's compiled modes (step-cg keeps reduce-overhead); max-autotune "
+        help="torch.compile mode of braid's compiled modes and the compiled peer (step-cg keeps reduce-overhead); max-autotune "
         "also tunes inductor's GEMM and attention templates (minutes of compilation)",
     )
     parser.add_argument("--braid", action=argparse.BooleanOptionalAction, default=True, help="run braid")
@@ -345,6 +360,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="append one JSON row per run to this file")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of the script")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one more braid step")
+    parser.add_argument("--profile-stacks", type=int, default=0, help="with --profile: group ops by N Python frames")
+    parser.add_argument("--trace", default=None, help="write a Chrome trace of one more braid step here (.json[.gz])")
     parser.add_argument(
         "--sync-debug", action="store_true", help="list the host-device synchronisations of one more eager braid step"
     )

@@ -1,0 +1,66 @@
+"""The benchmark scripts' CPU paths: the throughput script's trace and its summary."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def span(cat, name, ts, dur, tid=1, **args):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid, "args": args}
+
+
+def test_trace_summary_ties_kernels_to_source_lines_and_autograd_nodes(tmp_path):
+    events = [
+        span("python_function", "src/braid/model/mlp.py(28): forward", 0, 100),
+        span("cpu_op", "aten::to", 10, 20),
+        span("cpu_op", "aten::copy_", 12, 10),
+        span("cuda_runtime", "cudaLaunchKernel", 14, 2, correlation=5),
+        span("cpu_op", "aten::mm", 40, 20),
+        span("cuda_runtime", "cudaLaunchKernel", 45, 2, correlation=6),
+        span("cpu_op", "autograd::engine::evaluate_function: ToCopyBackward0", 200, 50, tid=2),
+        span("cpu_op", "aten::copy_", 210, 10, tid=2),
+        span("cuda_runtime", "cudaLaunchKernel", 212, 2, tid=2, correlation=7),
+        span("kernel", "void at::native::elementwise_kernel<direct_copy>", 50, 30, tid=9, correlation=5),
+        span("kernel", "nvjet_sm90_tst_256x128", 90, 60, tid=9, correlation=6),
+        span("kernel", "void at::native::unrolled_elementwise_kernel<direct_copy>", 260, 10, tid=9, correlation=7),
+    ]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    summary = load_script("trace_summary")
+    text = "\n".join(summary.summarize(summary.load(str(path)), rows=10))
+    assert "GPU kernel time 0.100 ms in 3 kernels" in text
+    assert "0.060  60.00  matmul" in text and "0.040  40.00  copy/cast" in text
+    assert "model/mlp.py(28): forward / aten::copy_" in text
+    assert "model/mlp.py(28): forward / aten::mm" in text
+    assert "ToCopyBackward0 / aten::copy_" in text
+
+
+@pytest.mark.slow
+def test_throughput_script_writes_a_trace_on_cpu(tmp_path):
+    throughput = load_script("throughput")
+    trace, rows = tmp_path / "step.json.gz", tmp_path / "rows.jsonl"
+    throughput.main([
+        "--device", "cpu", "--config", "tiny-hybrid", "--seq-len", "32", "--batch-size", "1", "--steps", "1",
+        "--warmup", "1", "--compile", "none", "--no-peer", "--trace", str(trace), "--out", str(rows),
+    ])
+    events = load_script("trace_summary").load(str(trace))
+    assert any(e.get("cat") == "python_function" and "braid/" in e["name"] for e in events)
+    row = json.loads(rows.read_text().splitlines()[0])
+    assert row["config"] == "tiny-hybrid" and row["tokens_per_s"] > 0
