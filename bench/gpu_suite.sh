@@ -6,7 +6,8 @@
 #
 # Every stage is time-boxed (`timeout`) and the suite goes on when one fails or times out;
 # the whole suite stops starting stages after SUITE_S seconds (530). Logs go to $OUT/*.log,
-# JSON rows to $OUT/*.jsonl (7 files in all). Stages in order, with their limits in s:
+# JSON rows to $OUT/*.jsonl, autotune results to $OUT/triton-autotune.tgz (8 files in all).
+# Stages in order, with their limits in s:
 #
 #     tests              pytest -m gpu tests/gpu tests/train/test_gpu.py        T_TESTS   (240)
 #     throughput_llama   llama-374m (LLAMA_COMPILE modes, step-graph) vs the HF   T_LLAMA   (120)
@@ -22,12 +23,18 @@
 # on the same warm machine:
 #
 #     STAGES="throughput_hybrid kernels" KERNELS_ONLY=conv,gla,ssd T_KERNELS=240 bash bench/gpu_suite.sh
+#
+# Autotune results also travel between machines: the suite writes the chosen configs
+# (*.autotune.json, a few KB) to $OUT/triton-autotune.tgz, and unpacks AUTOTUNE_TGZ (that file,
+# carried into the next call) first, so a fresh machine compiles only the winners.
 OUT="${OUT:-bench_out}"
 mkdir -p "$OUT"
 STAGES="${STAGES:-tests throughput_llama kernels throughput_hybrid}"
 SUITE_S="${SUITE_S:-530}"
-export FLA_CACHE_RESULTS=1
+export FLA_CACHE_RESULTS=1 TRITON_CACHE_AUTOTUNING=1
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-cache}"
+mkdir -p "$TRITON_CACHE_DIR"
+if [ -n "$AUTOTUNE_TGZ" ] && [ -f "$AUTOTUNE_TGZ" ]; then tar -xzf "$AUTOTUNE_TGZ" -C "$TRITON_CACHE_DIR"; fi
 export PYTHONUNBUFFERED=1
 suite_start=$(date +%s)
 status_lines=()
@@ -97,6 +104,8 @@ for name in $STAGES; do
         echo "unknown stage $name (stages: tests throughput_llama kernels throughput_hybrid)" ;;
     esac
 done
+
+(cd "$TRITON_CACHE_DIR" && find . -name "*.autotune.json" | tar -czf "$OUT/triton-autotune.tgz" -T -)
 
 body=$(python3 - "$OUT" 2>&1 <<'PY'
 import json
