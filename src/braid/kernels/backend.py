@@ -146,8 +146,17 @@ def _fla_gated_backward_refused() -> str | None:
     return None
 
 
-# Calls whose fast backend imports but is known not to work on this machine.
-KNOWN_BROKEN = {("ssd", "fla"): _fla_gated_backward_refused}
+def _cudnn_band_before_hopper() -> str | None:
+    """cuDNN's banded attention (nvidia-cudnn-frontend) is validated (GPU parity tests) and
+    measured on Hopper; older GPUs keep FlexAttention rather than meet an unsupported graph in
+    the middle of a backward."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9:
+        return "cuDNN banded attention is used on Hopper (sm90) and newer GPUs only"
+    return None
+
+
+# Calls whose fast backend imports but is known not to work (or not validated) on this machine.
+KNOWN_BROKEN = {("ssd", "fla"): _fla_gated_backward_refused, ("attention", "cudnn"): _cudnn_band_before_hopper}
 _broken: dict[tuple[str, str], str | None] = {}
 
 
