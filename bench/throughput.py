@@ -25,7 +25,12 @@ the mixers' sequence work, attention counting the causal half); the peer's is
 h hidden size, S sequence length (the formula of shared/device/README.md).
 
 Each run prints one line and appends one JSON row (card, date, command, tokens/s, MFU, peak
-memory, ...) to `--out`.
+memory, ...) to `--out`. `--baseline CONFIG` trains a second braid config in the same process
+(the hybrid's target is a ratio to llama-374m at the same sequence length), and the last lines
+give each braid run's ratio to the fastest baseline and the fastest peer run of the call:
+
+    python bench/throughput.py --config hybrid-374m --seq-len 8192 --batch-size 2 --compile block-graph \
+        step-graph --baseline llama-374m --baseline-compile step-graph --no-peer
 """
 
 from __future__ import annotations
@@ -353,6 +358,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "also tunes inductor's GEMM and attention templates (minutes of compilation)",
     )
     parser.add_argument("--braid", action=argparse.BooleanOptionalAction, default=True, help="run braid")
+    parser.add_argument(
+        "--baseline", default=None,
+        help="another braid config trained in the same run (same seq, batch, steps), e.g. llama-374m beside "
+        "hybrid-374m; the ratios to its fastest mode are printed last",
+    )
+    parser.add_argument("--baseline-compile", nargs="+", choices=COMPILE_MODES, default=None,
+                        help="the baseline's compile modes (default: --compile's)")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="run the HF Llama peer")
     parser.add_argument("--peer-modes", nargs="+", choices=("eager", "compiled"), default=["eager", "compiled"])
     parser.add_argument("--doc-len", type=int, default=0, help="mean packed-document length (0: none)")
@@ -372,15 +384,22 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/throughput.py: no CUDA device (pass --device cpu for a smoke test)")
-    jobs = []
+    jobs = []  # (role, run) pairs: braid, baseline (another braid config), peer
     if args.braid:
-        jobs += [lambda mode=mode: run_braid(args, mode) for mode in args.compile]
+        jobs += [("braid", lambda mode=mode: run_braid(args, mode)) for mode in args.compile]
+    if args.baseline:
+        baseline_args = argparse.Namespace(**{**vars(args), "config": args.baseline, "trace": None})
+        jobs += [
+            ("baseline", lambda mode=mode: run_braid(baseline_args, mode))
+            for mode in (args.baseline_compile or args.compile)
+        ]
     if args.peer:
-        jobs += [lambda mode=mode: run_peer(args, mode == "compiled") for mode in args.peer_modes]
+        jobs += [("peer", lambda mode=mode: run_peer(args, mode == "compiled")) for mode in args.peer_modes]
+    measured: dict[str, list[tuple[str, float]]] = {"braid": [], "baseline": [], "peer": []}
     kernels = use_backends(args.kernels) if args.kernels else contextlib.nullcontext()
     with kernels:
         print(f"# {card_name(args.device)}, seq {args.seq_len}, batch {args.batch_size}, kernels {current_spec()}")
-        for job in jobs:
+        for role, job in jobs:
             started = time.time()
             try:
                 run = job()
@@ -399,8 +418,23 @@ def main(argv=None) -> None:
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
+            measured[role].append((run.name, run.tokens_per_s))
             del run
             release_memory()
+    for line in ratio_lines(measured):
+        print(line)
+
+
+def ratio_lines(measured: dict[str, list[tuple[str, float]]]) -> list[str]:
+    """Each braid run's tokens/s over the fastest baseline and the fastest peer run of this call."""
+    lines = []
+    for role in ("baseline", "peer"):
+        if not measured[role] or not measured["braid"]:
+            continue
+        best_name, best = max(measured[role], key=lambda item: item[1])
+        for name, tokens_per_s in measured["braid"]:
+            lines.append(f"ratio: {name} / {best_name} (fastest {role} of this run) = {tokens_per_s / best:.3f}x")
+    return lines
 
 
 if __name__ == "__main__":

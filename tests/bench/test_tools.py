@@ -59,8 +59,23 @@ def test_throughput_script_writes_a_trace_on_cpu(tmp_path):
     throughput.main([
         "--device", "cpu", "--config", "tiny-hybrid", "--seq-len", "32", "--batch-size", "1", "--steps", "1",
         "--warmup", "1", "--compile", "none", "--no-peer", "--trace", str(trace), "--out", str(rows),
+        "--baseline", "tiny-dense",
     ])
     events = load_script("trace_summary").load(str(trace))
     assert any(e.get("cat") == "python_function" and "braid/" in e["name"] for e in events)
-    row = json.loads(rows.read_text().splitlines()[0])
-    assert row["config"] == "tiny-hybrid" and row["tokens_per_s"] > 0
+    first, second = (json.loads(line) for line in rows.read_text().splitlines())
+    assert first["config"] == "tiny-hybrid" and first["tokens_per_s"] > 0
+    assert second["config"] == "tiny-dense" and second["compile"] == "none"
+
+
+def test_ratios_use_the_fastest_baseline_and_peer_run():
+    throughput = load_script("throughput")
+    lines = throughput.ratio_lines({
+        "braid": [("braid hybrid step-graph", 130.0), ("braid hybrid block-graph", 120.0)],
+        "baseline": [("braid llama graph", 90.0), ("braid llama step-graph", 100.0)],
+        "peer": [],
+    })
+    assert lines == [
+        "ratio: braid hybrid step-graph / braid llama step-graph (fastest baseline of this run) = 1.300x",
+        "ratio: braid hybrid block-graph / braid llama step-graph (fastest baseline of this run) = 1.200x",
+    ]
