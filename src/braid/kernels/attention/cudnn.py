@@ -6,9 +6,9 @@ frontend's torch ops expose the band: `window_left=W` with `is_causal` is exactl
 window (each query sees itself and the W-1 keys before it), and its varlen (THD) form with
 cu_seqlens is braid's packed documents. GQA is native (H % J == 0). Only float16/bfloat16,
 head dims up to 256 and a multiple of 8, more than one token (the dispatcher checks), on Hopper
-and newer (validated there; braid.kernels.backend.KNOWN_BROKEN). Plans are built once per shape and stride
-(first call) and cached by the frontend; the ops have fake kernels, so torch.compile traces
-them as opaque calls, and they run inside CUDA graphs.
+and newer (validated there; braid.kernels.backend.KNOWN_BROKEN). Plans are built once per
+shape and stride (first call) and cached by the frontend; the ops have fake kernels, so
+torch.compile traces them as opaque calls, and they run inside CUDA graphs.
 
 Legend: B batch, T time, H query heads, J key/value heads, D head dim, N = B*T tokens.
 """
