@@ -230,22 +230,21 @@ def stage_loss(stage: int, student, teacher, batch: dict, world: World, *, block
     """This rank's loss of `stage` on its rows of the batch: braid.distill.losses in one
     process, the sharded versions above under a process group."""
     tokens_BT, doc_ids_BT = batch["input_ids"], batch["doc_ids"]
-    if not world.parallel:
-        if stage == 1:
-            return stage1_loss(student, teacher, tokens_BT, doc_ids_BT, block_size)
-        if stage == 2:
-            return stage2_loss(student, teacher, tokens_BT, doc_ids_BT)
-        return stage3_loss(student, teacher, tokens_BT, doc_ids_BT, batch["labels"], temperature, ce_weight)
+    input_grad = world.parallel  # fsdp_call on a plain module is a direct call
     try:
         if stage == 1:
-            return stage1_loss(student, teacher, tokens_BT, doc_ids_BT, block_size, call=fsdp_call, input_grad=True)
+            return stage1_loss(
+                student, teacher, tokens_BT, doc_ids_BT, block_size, call=fsdp_call, input_grad=input_grad
+            )
         if stage == 2:
-            return stage2_loss(student, teacher, tokens_BT, doc_ids_BT, call=fsdp_call, input_grad=True)
+            return stage2_loss(student, teacher, tokens_BT, doc_ids_BT, call=fsdp_call, input_grad=input_grad)
+        if not world.parallel:
+            return stage3_loss(student, teacher, tokens_BT, doc_ids_BT, batch["labels"], temperature, ce_weight)
         return sharded_stage3_loss(
             student, teacher, tokens_BT, doc_ids_BT, batch["labels"], temperature, ce_weight, world
         )
     finally:
-        end_teacher_step(teacher)
+        end_teacher_step(teacher)  # a no-op for an unsharded teacher
 
 
 def local_numel(module: nn.Module) -> int:

@@ -185,19 +185,38 @@ class PipelineEngine:
             return float(pipeline_eval(self.pipeline, batch))
 
 
-class DeepSpeedEngine:
-    """A deepspeed engine (braid.parallel.deepspeed) in its unmanaged accumulation mode:
-    backward accumulates, `step` reduces, clips (DeepSpeed's gradient_clipping), and steps,
-    or skips a step whose gradient norm is not finite (its overflow check, on by default in
+class _DeepSpeedStep:
+    """The optimizer half shared by the deepspeed engines: `self.engine` (a deepspeed engine in
+    unmanaged accumulation mode) reduces, clips (DeepSpeed's gradient_clipping) and steps, or
+    skips a step whose gradient norm is not finite (its overflow check, on by default in
     float32 and bf16; its grad norm is always computed, zero_optimization.compute_grad_norm)."""
 
-    def __init__(self, engine: Any, layout: Layout):
-        self.engine, self.layout = engine, layout
-        self.parts = [engine.module]
+    engine: Any
+    layout: Layout
+    parts: list[nn.Module]
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
+
+    def clip_and_step(self, grad_clip, loss_finite):
+        # DeepSpeed decides from the gradient norm alone (a non-finite loss gives one too).
+        self.engine.step()
+        grad_norm = torch.tensor(float(self.engine.get_global_grad_norm()), dtype=torch.float64)
+        updated = bool(torch.isfinite(grad_norm))
+        if updated:
+            for part in self.parts:
+                update_moe_bias(part, self.layout.dp_group)
+        return grad_norm, updated
+
+
+class DeepSpeedEngine(_DeepSpeedStep):
+    """A deepspeed engine (braid.parallel.deepspeed) in its unmanaged accumulation mode:
+    backward accumulates, `step` reduces, clips and steps (_DeepSpeedStep)."""
+
+    def __init__(self, engine: Any, layout: Layout):
+        self.engine, self.layout = engine, layout
+        self.parts = [engine.module]
 
     def forward_backward(self, batch, ce_scale, aux_scale, width, autocast):
         with autocast:
@@ -207,29 +226,20 @@ class DeepSpeedEngine:
         self.engine.backward(loss, scale_wrt_gas=False)
         return loss.detach(), ce.detach()
 
-    def clip_and_step(self, grad_clip, loss_finite):
-        # DeepSpeed decides from the gradient norm alone (a non-finite loss gives one too).
-        self.engine.step()
-        grad_norm = torch.tensor(float(self.engine.get_global_grad_norm()), dtype=torch.float64)
-        updated = bool(torch.isfinite(grad_norm))
-        if updated:
-            update_moe_bias(self.engine.module, self.layout.dp_group)
-        return grad_norm, updated
-
     def evaluate_batch(self, batch, autocast):
         with autocast:
             logits_BTV = self.engine.module(batch["input_ids"], batch["doc_ids"])
         return float(cross_entropy_sum(logits_BTV, batch["labels"]))
 
 
-class PipelineDeepSpeedEngine(PipelineEngine):
+class PipelineDeepSpeedEngine(_DeepSpeedStep, PipelineEngine):
     """This rank's pipeline stages under one deepspeed engine in ZeRO-1 (pp > 1; its module is
     braid.parallel.deepspeed.StageParts, in unmanaged accumulation mode).
 
     The torch pipeline schedule runs forward and backward of every micro-batch with plain
     autograd, so the stages' param.grad sum the scaled microbatch gradients (the scaling of
     PipelineEngine: ce_scale holds dp_size, so DeepSpeed's data-parallel average gives the
-    global gradient, as FSDP2's does). `step` is DeepSpeedEngine's: engine.step() reduces
+    global gradient, as FSDP2's does). The step is _DeepSpeedStep's: engine.step() reduces
     the gradients over the data-parallel group into this rank's ZeRO-1 partition
     (reduce_gradients, as DeepSpeed's own PipelineEngine does), clips at optim.grad_clip
     with the whole model's norm (DeepSpeed sums it over dp and over the mpu's model-parallel
@@ -238,27 +248,13 @@ class PipelineDeepSpeedEngine(PipelineEngine):
     """
 
     def __init__(self, pipeline: Pipeline, engine: Any, layout: Layout):
-        super().__init__(pipeline, [], layout)
+        PipelineEngine.__init__(self, pipeline, [], layout)
         self.engine = engine
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
 
     def forward_backward(self, batch, ce_scale, aux_scale, width, autocast):
         # What engine.forward does first: ZeRO's per-forward gradient-hook bookkeeping.
         self.engine.optimizer.clear_backward_seen_flag()
         return super().forward_backward(batch, ce_scale, aux_scale, width, autocast)
-
-    def clip_and_step(self, grad_clip, loss_finite):
-        # As DeepSpeedEngine: DeepSpeed decides from the gradient norm alone.
-        self.engine.step()
-        grad_norm = torch.tensor(float(self.engine.get_global_grad_norm()), dtype=torch.float64)
-        updated = bool(torch.isfinite(grad_norm))
-        if updated:
-            for part in self.parts:
-                update_moe_bias(part, self.layout.dp_group)
-        return grad_norm, updated
 
 
 def train_step(
