@@ -215,7 +215,7 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
     if args.profile or args.trace:
         # One trace per compile mode when several run: name.json.gz -> name.<mode>.json.gz
         trace = args.trace and (args.trace if len(args.compile) == 1 else args.trace.replace(".json", f".{compile_mode}.json"))
-        print_profile(step, args.device, stacks=args.profile_stacks, trace=trace)
+        print_profile(step, args.device, trace=trace)
     if args.sync_debug and not graphed:
         print_syncs(step)
     return Run(
@@ -262,25 +262,19 @@ def print_syncs(step, depth: int = 14) -> None:
         print(f"## {count}x\n{stack}")
 
 
-def print_profile(step, device: str, rows: int = 25, stacks: int = 0, trace: str | None = None) -> None:
+def print_profile(step, device: str, rows: int = 25, trace: str | None = None) -> None:
     """One more step under torch.profiler: the kernels that took the most device time; with
-    `stacks`, also the ops grouped by their innermost Python frames (who asked for each copy);
-    with `trace`, a Chrome trace with Python frames (gzipped when the name ends in .gz; read it
-    with bench/trace_summary.py)."""
+    `trace`, a Chrome trace with Python frames (gzipped when the name ends in .gz; read it with
+    bench/trace_summary.py, which ties each kernel to the source line that launched it)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities, with_stack=bool(stacks or trace)) as prof:
+    with profile(activities=activities, with_stack=trace is not None) as prof:
         step()
         if device == "cuda":
             torch.cuda.synchronize()
     sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70), flush=True)
-    if stacks:
-        table = prof.key_averages(group_by_stack_n=stacks).table(
-            sort_by=sort_by, row_limit=2 * rows, max_name_column_width=40, max_src_column_width=90
-        )
-        print(table, flush=True)
     if trace:
         prof.export_chrome_trace(trace)
 
@@ -372,7 +366,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="append one JSON row per run to this file")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of the script")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one more braid step")
-    parser.add_argument("--profile-stacks", type=int, default=0, help="with --profile: group ops by N Python frames")
     parser.add_argument("--trace", default=None, help="write a Chrome trace of one more braid step here (.json[.gz])")
     parser.add_argument(
         "--sync-debug", action="store_true", help="list the host-device synchronisations of one more eager braid step"

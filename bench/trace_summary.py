@@ -1,7 +1,6 @@
-"""Where a step's GPU time goes: a Chrome trace from `bench/throughput.py --trace` (taken with
-`--profile-stacks`, so Python frames are in it) summed by kernel kind, by the braid source
-line that launched each kernel (forward) or the autograd node that ran it (backward), and by
-kernel name.
+"""Where a step's GPU time goes: a Chrome trace from `bench/throughput.py --trace` (which
+records Python frames) summed by kernel kind, by the braid source line that launched each
+kernel (forward) or the autograd node that ran it (backward), and by kernel name.
 
     python3 bench/trace_summary.py trace.json.gz [--rows 30]
 

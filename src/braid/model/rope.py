@@ -17,8 +17,7 @@ def rope_cos_sin(pos_BT: Tensor, head_dim: int, theta: float, dtype: torch.dtype
         raise ValueError(f"rope: head_dim must be a positive even number, got {head_dim}")
     if pos_BT.ndim != 2 or pos_BT.dtype.is_floating_point:
         raise ValueError(f"rope: positions must be an integer (B, T) tensor, got {pos_BT.dtype} {tuple(pos_BT.shape)}")
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    cos_BTD, sin_BTD = _rope_tables(pos_BT, head_dim, theta, compute == torch.float64)
+    cos_BTD, sin_BTD = _rope_tables(pos_BT, head_dim, theta, dtype == torch.float64)
     return cos_BTD.to(dtype), sin_BTD.to(dtype)
 
 

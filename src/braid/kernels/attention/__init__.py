@@ -55,25 +55,23 @@ def attention(
         backend = pick("attention", q_BTHD, k_BSJD, v_BSJD, unsupported=unsupported, order=order)
         if backend == "sdpa":
             return backend_module("attention", "sdpa").causal_sdpa(q_BTHD, k_BSJD, v_BSJD, scale=scale)
-        if backend == "flash_attn":
-            module = backend_module("attention", "flash_attn")
-            return module.attention_flash(q_BTHD, k_BSJD, v_BSJD, window=window, doc_ids_BT=doc_ids_BT, scale=scale)
-        if backend == "cudnn":
-            module = backend_module("attention", "cudnn")
-            return module.attention_cudnn(q_BTHD, k_BSJD, v_BSJD, window=window, doc_ids_BT=doc_ids_BT, scale=scale)
-        if backend == "torch_flash":
-            module = backend_module("attention", "torch_flash")
-            return module.attention_torch_flash(
-                q_BTHD, k_BSJD, v_BSJD, window=window, doc_ids_BT=doc_ids_BT, scale=scale
-            )
-        if backend == "flex":
-            module = backend_module("attention", "flex")
-            return module.attention_flex(q_BTHD, k_BSJD, v_BSJD, window=window, doc_ids_BT=doc_ids_BT, scale=scale)
+        if backend in BANDED_FUNCTIONS:
+            banded = getattr(backend_module("attention", backend), BANDED_FUNCTIONS[backend])
+            return banded(q_BTHD, k_BSJD, v_BSJD, window=window, doc_ids_BT=doc_ids_BT, scale=scale)
     return attention_sdpa(
         q_BTHD, k_BSJD, v_BSJD, window=window, doc_ids_BT=doc_ids_BT,
         q_pos_BT=q_pos_BT, k_pos_BS=k_pos_BS, k_doc_BS=k_doc_BS, scale=scale,
     )
 
+
+# The backends for windows and documents, each one function of the same signature:
+# (q_BTHD, k_BTJD, v_BTJD, *, window, doc_ids_BT, scale) -> o_BTHD.
+BANDED_FUNCTIONS = {
+    "flash_attn": "attention_flash",
+    "cudnn": "attention_cudnn",
+    "flex": "attention_flex",
+    "torch_flash": "attention_torch_flash",
+}
 
 # With packed documents cuDNN's varlen path is slower than FlexAttention's block masks (window
 # 1024, documents of ~1024 tokens, B2 T8192 H16 J4 D64, fwd+bwd on an H200, 2026-11-28: cuDNN 1.63
