@@ -194,6 +194,43 @@ def test_whole_model_fast_vs_reference(autocast, docs):
         assert_rel_close(grads[name], ref_grad, tol, f"grad {name}", floor=floor)
 
 
+@pytest.mark.parametrize("docs", [False, True], ids=["rows", "docs"])
+def test_blocks_compile_without_graph_breaks(docs):
+    """Every block of the tiny hybrid compiles as one graph (the fast kernels are custom ops,
+    not graph breaks; with documents only the segment table is computed outside) and trains
+    to the eager model's loss and gradients under bf16 autocast."""
+    torch.manual_seed(0)
+    cfg, model = build_tiny_hybrid(train=True)
+    B, T = 2, 300
+    tokens_BT = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+    doc_ids_BT = doc_ids_for(B, T) if docs else None
+    logits, grads = model_loss_and_grads(model, tokens_BT, doc_ids_BT, autocast=True)
+    torch._dynamo.reset()
+
+    def under_autocast(block):
+        def run(x_BTD):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return block(x_BTD, None)
+
+        return run
+
+    if not docs:
+        x_BTD = torch.randn(B, T, cfg.d_model, device="cuda")
+        explain = [torch._dynamo.explain(under_autocast(block))(x_BTD) for block in model.layers.values()]
+        breaks = {
+            f"{b.reason.splitlines()[0][:120]} at {b.user_stack[-1].filename}:{b.user_stack[-1].lineno}"
+            for e in explain for b in e.break_reasons if b.user_stack
+        }
+        assert [e.graph_break_count for e in explain] == [0] * len(explain), sorted(breaks)
+    for block in model.layers.values():
+        block.compile(fullgraph=not docs)
+    compiled_logits, compiled_grads = model_loss_and_grads(model, tokens_BT, doc_ids_BT, autocast=True)
+    assert_rel_close(compiled_logits, logits, MODEL_BF16_TOL, "logits")
+    floor = 1e-4 * torch.cat([g.flatten().double() for g in grads.values()]).norm().item()
+    for name, grad in grads.items():
+        assert_rel_close(compiled_grads[name], grad, MODEL_BF16_TOL, f"grad {name}", floor=floor)
+
+
 def test_whole_model_decode_matches_full_forward():
     """Prefill then one-token steps through the fast step kernels equal the full forward."""
     torch.manual_seed(0)

@@ -564,3 +564,17 @@ def test_backend_probe_runs_outside_torch_compile(monkeypatch):
     assert imported == [False]
     backend.probe_all()
     assert set(backend._probed) == set(backend.BACKEND_MODULES.values())
+
+
+def test_backend_module_lookup_is_traced_without_a_graph_break():
+    """Every fast kernel call goes through backend_module: once loaded it is a dict lookup that
+    dynamo traces (importlib.import_module, which dynamo skips, was a graph break per call)."""
+    backend.backend_module("attention", "sdpa")
+
+    def f(x):
+        module = backend.backend_module("attention", "sdpa")
+        return x + len(module.__name__)
+
+    explain = torch._dynamo.explain(f)(torch.zeros(2))
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(2)).tolist() == [28.0, 28.0]

@@ -117,9 +117,12 @@ def use_backends(spec: str) -> Iterator[None]:
         configure(previous)
 
 
+_loaded: dict[str, object] = {}  # module name -> the imported braid wrapper module
+
+
 def _probe(module: str) -> str | None:
     try:
-        importlib.import_module(module)
+        _loaded[module] = importlib.import_module(module)
     except ImportError as error:
         return f"{type(error).__name__}: {error}"
     return None
@@ -161,8 +164,19 @@ _broken: dict[tuple[str, str], str | None] = {}
 
 
 def backend_module(op: str, backend: str):
-    """The imported braid wrapper module of a fast backend (ImportError if it cannot load)."""
-    return importlib.import_module(BACKEND_MODULES[(op, backend)])
+    """The imported braid wrapper module of a fast backend (ImportError if it cannot load).
+
+    A dict lookup once loaded: torch.compile traces through it, where a call to
+    importlib.import_module is a graph break (dynamo skips importlib), one per kernel call."""
+    module = BACKEND_MODULES[(op, backend)]
+    if module not in _loaded:
+        _import(module)
+    return _loaded[module]
+
+
+@torch.compiler.disable
+def _import(module: str) -> None:
+    _loaded[module] = importlib.import_module(module)
 
 
 def available(op: str, backend: str) -> bool:

@@ -28,12 +28,17 @@ def compute_dtype(x_sorted_ND: Tensor) -> torch.dtype | None:
     return None
 
 
+# Each visible GPU's compute capability major, read once at import (before any torch.compile
+# trace, which would otherwise meet the device query inside the MoE forward).
+_MAJOR = [torch.cuda.get_device_capability(i)[0] for i in range(torch.cuda.device_count())]
+
+
 def supports(x_sorted_ND: Tensor, w1_EDF: Tensor) -> bool:
     """bf16 compute, a GPU with grouped GEMMs (sm90+) and 16-byte aligned rows (D, F % 8 == 0)."""
     d_model, d_hidden = w1_EDF.shape[1:]
     return (
         compute_dtype(x_sorted_ND) is not None
-        and torch.cuda.get_device_capability(x_sorted_ND.device)[0] >= 9
+        and _MAJOR[x_sorted_ND.device.index] >= 9
         and d_model % 8 == 0
         and d_hidden % 8 == 0
     )
