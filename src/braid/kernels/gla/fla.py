@@ -1,6 +1,10 @@
 """Gated linear attention on fla's Triton kernels: chunk_gla (training, prefill) and
 fused_recurrent_gla (decode); the mapping onto them is braid.kernels.gla.packed.
 
+chunk_gla's forward and backward (fla's `chunk_gla_fwd` / `chunk_gla_bwd`, what its
+ChunkGLAFunction runs) are custom ops with fake kernels, `braid::fla_chunk_gla` and its
+backward: torch.compile keeps them as opaque nodes in one graph.
+
 Documents run as fla varlen segments: an initial state applies to each row's first
 segment, the final state is read from each row's last one. fla's chunk length is its own
 (64). float32 inputs run with TF32 dots on GPUs that have them.
@@ -11,14 +15,108 @@ Legend: B batch, T time, H heads, K key head dim, V value head dim.
 from __future__ import annotations
 
 import torch
-from fla.ops.gla import chunk_gla, fused_recurrent_gla
+from fla.ops.gla import fused_recurrent_gla
+from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd
+from fla.ops.utils import prepare_chunk_indices
 from torch import Tensor
 
 from braid.kernels.gla.packed import gla_step_via_recurrent, gla_via_packed
 
-# Opaque to torch.compile (graph breaks), as braid.kernels.ssd.fla's kernels.
-chunk_gla = torch.compiler.disable(chunk_gla)
+# Opaque to torch.compile (a graph break), as braid.kernels.ssd.fla's kernels; decoding only.
 fused_recurrent_gla = torch.compiler.disable(fused_recurrent_gla)
+
+
+def _chunk_length(T: int) -> int:
+    """fla's chunk for chunk_gla: the next power of two of T, clamped to [16, 64]."""
+    return min(64, max(16, 1 << max(T - 1, 0).bit_length()))
+
+
+def _chunk_indices(cu_seqlens, cu_seqlens_cpu, chunk_size):
+    return None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size, cu_seqlens_cpu=cu_seqlens_cpu)
+
+
+# chunk_gla's forward and backward as custom ops with fake kernels (what fla's ChunkGLAFunction
+# runs): an opaque node of one torch.compile graph instead of a graph break per GLA layer.
+@torch.library.custom_op(
+    "braid::fla_chunk_gla",
+    mutates_args=(),
+    device_types="cuda",
+    schema="(Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state, bool output_final_state, "
+    "Tensor? cu_seqlens, Tensor? cu_seqlens_cpu) -> (Tensor, Tensor, Tensor)",
+)
+def _chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu):
+    chunk_size = _chunk_length(q.shape[1])
+    q, k, v, g = (t.contiguous() for t in (q, k, v, g))
+    with torch.cuda.device(q.device):
+        _, A, _, final, o = chunk_gla_fwd(
+            q=q, k=k, v=v, g=g, g_cumsum=None, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+            chunk_indices=_chunk_indices(cu_seqlens, cu_seqlens_cpu, chunk_size),
+        )
+    final = q.new_empty(0, dtype=torch.float32) if final is None else final.float().contiguous()
+    return o.to(v.dtype).contiguous(), final, A.contiguous()
+
+
+@_chunk_gla.register_fake
+def _(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu):
+    batch, T, H, K = q.shape
+    final = q.new_empty(0, dtype=torch.float32)
+    if output_final_state:
+        num_sequences = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        final = q.new_empty((num_sequences, H, K, v.shape[-1]), dtype=torch.float32)
+    return v.new_empty(v.shape), final, q.new_empty((batch, T, H, _chunk_length(T)), dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "braid::fla_chunk_gla_backward",
+    mutates_args=(),
+    device_types="cuda",
+    schema="(Tensor do, Tensor? dfinal, Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state, "
+    "Tensor A, Tensor? cu_seqlens, Tensor? cu_seqlens_cpu) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def _chunk_gla_backward(do, dfinal, q, k, v, g, scale, initial_state, A, cu_seqlens, cu_seqlens_cpu):
+    chunk_size = _chunk_length(q.shape[1])
+    q, k, v, g, do = (t.contiguous() for t in (q, k, v, g, do))
+    with torch.cuda.device(q.device):
+        dq, dk, dv, dg, dinitial = chunk_gla_bwd(
+            q=q, k=k, v=v, g=g, g_cumsum=None, scale=scale, initial_state=initial_state, h=None, A=A, do=do,
+            dht=dfinal, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+            chunk_indices=_chunk_indices(cu_seqlens, cu_seqlens_cpu, chunk_size),
+        )
+    dinitial = q.new_empty(0) if initial_state is None else dinitial.to(initial_state.dtype).contiguous()
+    return tuple(d.to(t.dtype).contiguous() for d, t in ((dq, q), (dk, k), (dv, v), (dg, g))) + (dinitial,)
+
+
+@_chunk_gla_backward.register_fake
+def _(do, dfinal, q, k, v, g, scale, initial_state, A, cu_seqlens, cu_seqlens_cpu):
+    dinitial = q.new_empty(0) if initial_state is None else initial_state.new_empty(initial_state.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), g.new_empty(g.shape), dinitial
+
+
+def _gla_setup(ctx, inputs, output):
+    q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu = inputs
+    ctx.save_for_backward(q, k, v, g, initial_state, output[2], cu_seqlens, cu_seqlens_cpu)
+    ctx.scale, ctx.output_final_state = scale, output_final_state
+
+
+def _gla_grads(ctx, do, dfinal, _dA):
+    q, k, v, g, initial_state, A, cu_seqlens, cu_seqlens_cpu = ctx.saved_tensors
+    dq, dk, dv, dg, dinitial = torch.ops.braid.fla_chunk_gla_backward(
+        do, dfinal if ctx.output_final_state else None, q, k, v, g, ctx.scale, initial_state, A, cu_seqlens,
+        cu_seqlens_cpu,
+    )
+    return dq, dk, dv, dg, None, dinitial if initial_state is not None else None, None, None, None
+
+
+_chunk_gla.register_autograd(_gla_grads, setup_context=_gla_setup)
+
+
+def chunk_gla(q, k, v, g, *, scale, initial_state=None, output_final_state=False, cu_seqlens=None, cu_seqlens_cpu=None):
+    """fla's chunk_gla (its varlen keywords) through the custom ops."""
+    o, final, _ = torch.ops.braid.fla_chunk_gla(
+        q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu
+    )
+    return o, final if output_final_state else None
 
 
 def gla_fla(q_BTHK: Tensor, k_BTHK: Tensor, v_BTHV: Tensor, g_BTHK: Tensor, **kwargs):

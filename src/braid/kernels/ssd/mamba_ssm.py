@@ -6,7 +6,9 @@ is registered as an empty shell (its directory, __init__ not run) before importi
 `mamba_ssm.ops.triton.ssd_combined`. Documents become mamba_ssm's seq_idx (each token's
 segment number in its row); mamba_ssm carries an initial state into a row's first
 segment only when no seq_idx is given, so doc ids with an initial state stay on the other
-backends (the dispatcher excludes that call).
+backends (the dispatcher excludes that call). Forward and backward run as custom ops
+(`braid::mamba_ssd`, `braid::mamba_ssd_backward`), opaque but graph-breaking nowhere under
+torch.compile.
 
 Shape legend: B batch, T time, H heads, P head dim, G groups of B/C, N state dim.
 """
@@ -45,8 +47,74 @@ def _load_ssd_combined():
         raise ImportError(f"mamba_ssm's Triton SSD does not load: {type(error).__name__}: {error}") from error
 
 
-# Opaque to torch.compile (a graph break): dynamo does not trace mamba_ssm's Python.
-mamba_chunk_scan_combined = torch.compiler.disable(_load_ssd_combined().mamba_chunk_scan_combined)
+_combined = _load_ssd_combined()
+
+
+# mamba_ssm's forward and backward as two custom ops with fake kernels: torch.compile keeps
+# them as opaque nodes of one graph (no graph break around each SSD, so the projections, conv
+# and gated norm around it fuse, and gradients are summed inside the compiled backward).
+@torch.library.custom_op(
+    "braid::mamba_ssd",
+    mutates_args=(),
+    device_types="cuda",
+    schema="(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? initial_states, "
+    "Tensor? seq_idx, int chunk_size) -> (Tensor, Tensor)",
+)
+def _mamba_ssd(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
+    out, _, _, _, _, final_states = _combined._mamba_chunk_scan_combined_fwd(
+        x, dt, A, B, C, chunk_size, D=D, initial_states=initial_states, seq_idx=seq_idx
+    )
+    return out.to(x.dtype).contiguous(), final_states.float().contiguous()
+
+
+@_mamba_ssd.register_fake
+def _(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
+    batch, _, heads, head_dim = x.shape
+    return x.new_empty(x.shape), x.new_empty((batch, heads, head_dim, B.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "braid::mamba_ssd_backward",
+    mutates_args=(),
+    device_types="cuda",
+    schema="(Tensor dout, Tensor? dfinal_states, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor out, "
+    "Tensor? D, Tensor? initial_states, Tensor? seq_idx, int chunk_size) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def _mamba_ssd_backward(dout, dfinal_states, x, dt, A, B, C, out, D, initial_states, seq_idx, chunk_size):
+    dx, ddt, dA, dB, dC, dD, _, _, dinitial = _combined._mamba_chunk_scan_combined_bwd(
+        dout.contiguous(), x, dt, A, B, C, out, chunk_size, D=D, initial_states=initial_states,
+        dfinal_states=dfinal_states, seq_idx=seq_idx,
+    )
+    grads = [dx.to(x.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype)]
+    for grad, like in ((dD, D), (dinitial, initial_states)):  # absent inputs: an empty placeholder
+        grads.append(x.new_empty(0) if like is None else grad.to(like.dtype))
+    return tuple(g.contiguous() for g in grads)
+
+
+@_mamba_ssd_backward.register_fake
+def _(dout, dfinal_states, x, dt, A, B, C, out, D, initial_states, seq_idx, chunk_size):
+    optional = [x.new_empty(0) if t is None else t.new_empty(t.shape) for t in (D, initial_states)]
+    return (x.new_empty(x.shape), dt.new_empty(dt.shape), A.new_empty(A.shape), B.new_empty(B.shape),
+            C.new_empty(C.shape), *optional)
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, initial_states, seq_idx, chunk_size = inputs
+    ctx.save_for_backward(x, dt, A, B, C, output[0], D, initial_states, seq_idx)
+    ctx.chunk_size = chunk_size
+
+
+def _backward(ctx, dout, dfinal_states):
+    x, dt, A, B, C, out, D, initial_states, seq_idx = ctx.saved_tensors
+    dx, ddt, dA, dB, dC, dD, dinitial = torch.ops.braid.mamba_ssd_backward(
+        dout, dfinal_states, x, dt, A, B, C, out, D, initial_states, seq_idx, ctx.chunk_size
+    )
+    dD, dinitial = (grad if like is not None else None for grad, like in ((dD, D), (dinitial, initial_states)))
+    return dx, ddt, dA, dB, dC, dD, dinitial, None, None
+
+
+_mamba_ssd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _chunk_length(chunk_size: int) -> int:
@@ -72,19 +140,15 @@ def ssd_mamba_ssm(
     if doc_ids_BT is not None and initial_state_BHPN is not None:
         raise ValueError("ssd_mamba_ssm: doc ids with an initial state are not supported; use the fla backend")
     seq_idx_BT = None if doc_ids_BT is None else segment_index_BT(doc_ids_BT)
-    out = mamba_chunk_scan_combined(
+    y_BTHP, final_BHPN = torch.ops.braid.mamba_ssd(
         x_BTHP,
         dt_BTH,
         A_H.float(),
         B_BTGN.to(x_BTHP.dtype),
         C_BTGN.to(x_BTHP.dtype),
+        None if D_H is None else D_H.float(),
+        None if initial_state_BHPN is None else initial_state_BHPN.float(),
+        seq_idx_BT,
         _chunk_length(chunk_size),
-        D=None if D_H is None else D_H.float(),
-        initial_states=None if initial_state_BHPN is None else initial_state_BHPN.float(),
-        seq_idx=seq_idx_BT,
-        return_final_states=return_final_state,
     )
-    if not return_final_state:
-        return out.to(x_BTHP.dtype)
-    y_BTHP, final_BHPN = out
-    return y_BTHP.to(x_BTHP.dtype), final_BHPN.float()
+    return (y_BTHP, final_BHPN) if return_final_state else y_BTHP
