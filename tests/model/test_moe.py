@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from braid.kernels.moe import grouped_swiglu
 from braid.model.config import MoEConfig
-from braid.model.moe import MoE
+from braid.model.moe import MoE, combine, dispatch
 
 D_MODEL = 8
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -75,6 +75,20 @@ def test_dispatch_equals_dense_reference(score, num_shared_experts, bias_balanci
     for name, grad, ref_grad in zip(["x", *(n for n, _ in moe.named_parameters())], grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad, **TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
     assert grads[1].abs().sum() > 0  # the router learns through the gates and the aux losses
+
+
+def test_dispatch_and_combine_are_gathers_with_exact_gradients():
+    torch.manual_seed(0)
+    num_tokens, top_k = 5, 3
+    experts_NK = torch.randint(0, 4, (num_tokens, top_k))
+    order_S = torch.argsort(experts_NK.flatten(), stable=True)
+    unsort_S = torch.argsort(order_S)
+    x_ND = torch.randn(num_tokens, 2, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(dispatch(x_ND, order_S, unsort_S, top_k), x_ND[order_S // top_k], rtol=0, atol=0)
+    y_SD = torch.randn(num_tokens * top_k, 2, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(combine(y_SD, order_S, unsort_S), y_SD[unsort_S], rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda x: dispatch(x, order_S, unsort_S, top_k), (x_ND,))
+    assert torch.autograd.gradcheck(lambda y: combine(y, order_S, unsort_S), (y_SD,))
 
 
 def test_bias_changes_selection_in_parity_test():

@@ -8,7 +8,9 @@ learns only through the auxiliary losses. The bias steers selection only, never 
 
 Dispatch is dropless (no capacity factor): the N*K (token, expert) assignments are sorted by
 expert, each expert runs on its contiguous slice through braid.kernels.moe.grouped_swiglu,
-and the outputs are unsorted, weighted by their gates and summed over the k.
+and the outputs are unsorted, weighted by their gates and summed over the k. Sorting and
+unsorting are gathers forward and backward (`dispatch`, `combine`): no scatter-adds, so the
+backward is deterministic.
 
 Two methods are the seams for parallelism (braid.parallel.ep swaps in a subclass):
 `run_experts` (expert parallelism replaces it by an all-to-all) and `batch_sum` (the aux
@@ -34,6 +36,54 @@ def expert_counts(experts_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
     counts_E = torch.zeros(num_experts, dtype=torch.int64, device=experts_NK.device)
     flat = experts_NK.flatten()
     return counts_E.scatter_add_(0, flat, torch.ones_like(flat))
+
+
+class _Dispatch(torch.autograd.Function):
+    """x_ND's rows for the slots sorted by expert, x_ND[order_S // K]; the backward gathers
+    each token's K slot gradients through the inverse order and sums them (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, x_ND, order_S, unsort_S, top_k: int):
+        ctx.save_for_backward(unsort_S)
+        ctx.top_k = top_k
+        return x_ND[order_S // top_k]
+
+    @staticmethod
+    def backward(ctx, grad_SD):
+        (unsort_S,) = ctx.saved_tensors
+        grad_NKD = grad_SD[unsort_S].unflatten(0, (-1, ctx.top_k))
+        sum_dtype = torch.promote_types(grad_SD.dtype, torch.float32)
+        return grad_NKD.sum(dim=1, dtype=sum_dtype).to(grad_SD.dtype), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """The expert outputs back in (token, k) order, y_sorted_SD[unsort_S]; unsort_S is a
+    permutation, so the backward is the gather through its inverse, order_S."""
+
+    @staticmethod
+    def forward(ctx, y_sorted_SD, order_S, unsort_S):
+        ctx.save_for_backward(order_S)
+        return y_sorted_SD[unsort_S]
+
+    @staticmethod
+    def backward(ctx, grad_SD):
+        (order_S,) = ctx.saved_tensors
+        return grad_SD[order_S], None, None
+
+
+def dispatch(x_ND: torch.Tensor, order_S: torch.Tensor, unsort_S: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Token rows for the N*K routed slots in expert order: x_ND[order_S // top_k] (S, D).
+
+    order_S sorts the flattened (token, k) slots by expert and unsort_S is its inverse. Both
+    directions are gathers: the backward reads each token's K slot gradients at unsort_S and
+    sums them, instead of the scatter-add (atomics, nondeterministic) of plain indexing."""
+    return _Dispatch.apply(x_ND, order_S, unsort_S, top_k)
+
+
+def combine(y_sorted_SD: torch.Tensor, order_S: torch.Tensor, unsort_S: torch.Tensor) -> torch.Tensor:
+    """Expert outputs back in (token, k) slot order, y_sorted_SD[unsort_S] (S, D); the backward
+    gathers at order_S (a permutation's inverse) rather than scattering."""
+    return _Combine.apply(y_sorted_SD, order_S, unsort_S)
 
 
 class MoE(nn.Module):
@@ -118,10 +168,10 @@ class MoE(nn.Module):
     ) -> torch.Tensor:
         num_tokens, top_k = experts_NK.shape
         order_S = torch.argsort(experts_NK.flatten(), stable=True)
-        y_sorted_SD = self.run_experts(x_ND[order_S // top_k], counts_E)
         unsort_S = torch.empty_like(order_S)
         unsort_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-        y_NKD = y_sorted_SD[unsort_S].reshape(num_tokens, top_k, -1)
+        y_sorted_SD = self.run_experts(dispatch(x_ND, order_S, unsort_S, top_k), counts_E)
+        y_NKD = combine(y_sorted_SD, order_S, unsort_S).unflatten(0, (num_tokens, top_k))
         y_ND = (y_NKD.to(gates_NK.dtype) * gates_NK.unsqueeze(-1)).sum(dim=1)
         return y_ND.to(x_ND.dtype)
 
