@@ -32,6 +32,7 @@ from braid.kernels.gla import gla
 from braid.kernels.moe import grouped_swiglu
 from braid.kernels.norm import gated_rms_norm, rms_norm
 from braid.kernels.ssd import causal_conv1d, ssd
+from braid.kernels.ssd.conv import causal_conv1d_reference
 from braid.kernels.swiglu import silu_mul
 
 B, T = 2, 8192
@@ -242,8 +243,9 @@ def bench_ssd(bench: Bench) -> None:
 
     bench.add("ssd", "fla chunk_simple_gla", shape, make(128), flops=flops, force="ssd=fla",
               backend=("ssd", "fla", probe))
-    bench.add("ssd", "mamba_ssm chunk_scan (128)", shape, make(128), flops=flops, force="ssd=mamba_ssm",
-              backend=("ssd", "mamba_ssm", probe))
+    for chunk in (128, 256):
+        bench.add("ssd", f"mamba_ssm chunk_scan ({chunk})", shape, make(chunk), flops=flops, force="ssd=mamba_ssm",
+                  backend=("ssd", "mamba_ssm", probe))
     bench.add("ssd", "reference (chunk 128)", shape, make(128), flops=flops, force="reference")
 
 
@@ -265,20 +267,26 @@ def bench_gla(bench: Bench) -> None:
 
 
 def bench_conv(bench: Bench) -> None:
-    C, K = 2048, 4
-    numel = B * T * C
-
-    def make():
-        leaves = dict(
-            x_BTC=randn(B, T, C), weight_CK=torch.randn(C, K, device="cuda"), bias_C=torch.randn(C, device="cuda")
-        )
-        return fwd_bwd(lambda **kw: causal_conv1d(**kw), leaves)
-
+    """At the hybrid's two conv widths (x: 2048 channels; B and C: 128 each), fla's kernel
+    against the reference eager and compiled by inductor (what runs inside a compiled step
+    when conv is in FUSED_BY_COMPILE)."""
+    K = 4
     probe = (torch.empty(1, device="cuda", dtype=BF16),)
-    moved = 5 * numel * 2  # x, y forward; x, dy, dx backward (bf16)
-    bench.add("conv", "fla causal_conv1d", f"B{B} T{T} C{C} K{K}", make, bytes_moved=moved, force="conv=fla",
-              backend=("conv", "fla", probe))
-    bench.add("conv", "reference", f"B{B} T{T} C{C} K{K}", make, bytes_moved=moved, force="reference")
+    compiled_reference = torch.compile(causal_conv1d_reference, dynamic=False)
+    for C in (2048, 128):
+        def make(fn=causal_conv1d, C=C):
+            leaves = dict(
+                x_BTC=randn(B, T, C), weight_CK=torch.randn(C, K, device="cuda"), bias_C=torch.randn(C, device="cuda")
+            )
+            return fwd_bwd(lambda **kw: fn(**kw), leaves)
+
+        moved = 5 * B * T * C * 2  # x, y forward; x, dy, dx backward (bf16)
+        shape = f"B{B} T{T} C{C} K{K}"
+        bench.add("conv", f"fla causal_conv1d C{C}", shape, make, bytes_moved=moved, force="conv=fla",
+                  backend=("conv", "fla", probe))
+        bench.add("conv", f"reference, inductor C{C}", shape, lambda C=C: make(compiled_reference, C),
+                  bytes_moved=moved)
+        bench.add("conv", f"reference C{C}", shape, make, bytes_moved=moved, force="reference")
 
 
 def bench_norms(bench: Bench) -> None:

@@ -79,3 +79,22 @@ def test_ratios_use_the_fastest_baseline_and_peer_run():
         "ratio: braid hybrid step-graph / braid llama step-graph (fastest baseline of this run) = 1.300x",
         "ratio: braid hybrid block-graph / braid llama step-graph (fastest baseline of this run) = 1.200x",
     ]
+
+
+def test_blocks_script_finds_one_sublayer_per_kind():
+    sys.path.insert(0, str(ROOT / "bench"))  # blocks.py imports its neighbour throughput.py
+    try:
+        blocks = load_script("blocks")
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from braid.configs.models import tiny_hybrid
+    from braid.model import build_model
+
+    model = build_model(tiny_hybrid(), device="cpu", seed=0)
+    found = blocks.sublayers(model)
+    counts = {kind: count for kind, (_, _, count) in found.items()}
+    # tiny-hybrid: "M- S64E GF A- M- S32F"; each sliding window size is its own kind
+    assert counts == {"mixer:mamba2": 2, "ffn:mlp": 3, "mixer:sliding64": 1, "ffn:moe": 1, "mixer:gla": 1,
+                      "ffn:matformer": 2, "mixer:attention": 1, "mixer:sliding32": 1}
+    norm, module, _ = found["ffn:moe"]
+    assert module is model.layers["1"].ffn and norm is model.layers["1"].ffn_norm

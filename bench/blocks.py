@@ -1,0 +1,137 @@
+"""GPU time of each sublayer kind of a config, forward + backward, and the kernels it runs.
+
+    python3 bench/blocks.py --config hybrid-374m --seq-len 8192 --batch-size 2 [--kernels SPEC]
+
+A step's profile sums kernels over the whole model; this splits it by sublayer: for each
+distinct mixer kind (Mamba-2, GLA, sliding window, full attention) and FFN kind (SwiGLU, MoE,
+MatFormer) of the config, the first such layer runs norm + sublayer, forward and backward
+(bf16 autocast over fp32 weights, per-sublayer torch.compile unless `--eager`), captured in
+a CUDA graph and replayed, so the time is the GPU's (no launch gaps). Each row gives the ms
+of one sublayer, how many the config has, their total, and the sublayer's top kernels
+(summed by name, with counts) from a profiled replay. The totals add up to the model's
+blocks; embedding, head, loss and optimizer are not included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+
+import torch
+import triton
+
+from braid.kernels.backend import probe_all, use_backends
+from braid.model import build_model
+from throughput import resolve_config  # bench/throughput.py: named and benchmark configs
+
+
+def sublayers(model) -> dict[str, tuple[torch.nn.Module, torch.nn.Module, int]]:
+    """{"mixer:KIND" or "ffn:KIND": (norm, module, count)} for the first layer of each kind."""
+    found: dict[str, list] = {}
+    for block in model.layers.values():
+        spec = block.spec
+        for part, kind in (("mixer", spec.mixer), ("ffn", spec.ffn)):
+            if kind is None:
+                continue
+            key = f"{part}:{kind}" + (f"{spec.window}" if kind == "sliding" and spec.window else "")
+            if key not in found:
+                found[key] = [getattr(block, f"{part}_norm"), getattr(block, part), 0]
+            found[key][2] += 1
+    return {k: tuple(v) for k, v in found.items()}
+
+
+def graphed_fwd_bwd(kind: str, norm, module, x_BTD, compile_: bool):
+    """A CUDA graph of norm + module forward and backward on x_BTD (grads of x and the weights)."""
+
+    def sublayer(x):
+        h = norm(x)
+        out = module(h, None) if kind.startswith("mixer:") else module(h)
+        if isinstance(out, tuple):  # MoE: (y, aux losses)
+            y, aux = out
+            return y, sum(aux.values())
+        return out, None
+
+    fn = torch.compile(sublayer) if compile_ else sublayer
+    params = [p for p in list(norm.parameters()) + list(module.parameters()) if p.requires_grad]
+    dy = torch.randn_like(x_BTD)
+
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            y, aux = fn(x_BTD)
+        outs, grads = [y], [dy.to(y.dtype)]
+        if aux is not None:
+            outs.append(aux)
+            grads.append(torch.ones_like(aux))
+        torch.autograd.grad(outs, [x_BTD, *params], grads)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph
+
+
+def top_kernels(graph, rows: int) -> list[tuple[str, int, float]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    by_name: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[event.name][0] += 1
+            by_name[event.name][1] += event.device_time / 1000
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    return [(name, n, ms) for name, (n, ms) in ranked[:rows]]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="hybrid-374m")
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--kernels", default="auto", help="BRAID_KERNELS spec for the run")
+    parser.add_argument("--eager", action="store_true", help="do not torch.compile the sublayers")
+    parser.add_argument("--rows", type=int, default=12, help="kernels listed per sublayer")
+    parser.add_argument("--only", default=None, help="comma list of sublayer kinds, e.g. ffn:moe,mixer:mamba2")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/blocks.py needs a CUDA device")
+    torch.manual_seed(0)
+    probe_all()
+    cfg = resolve_config(args.config, args.seq_len)
+    model = build_model(cfg, device="cuda", seed=0).train()
+    print(f"# {torch.cuda.get_device_name()}, {args.config} B{args.batch_size} T{args.seq_len}, "
+          f"kernels {args.kernels}, {'eager' if args.eager else 'compiled per sublayer'}; command: "
+          f"{' '.join(sys.argv)}", flush=True)
+    total = 0.0
+    table = []
+    with use_backends(args.kernels):
+        for kind, (norm, module, count) in sublayers(model).items():
+            if args.only and kind not in args.only.split(","):
+                continue
+            x_BTD = torch.randn(args.batch_size, args.seq_len, cfg.d_model, device="cuda", requires_grad=True)
+            graph = graphed_fwd_bwd(kind, norm, module, x_BTD, not args.eager)
+            ms = triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median")
+            total += ms * count
+            table.append(f"{kind:20s} {ms:8.3f} ms  x{count:<3d} {ms * count:8.2f} ms")
+            print(f"\n## {kind}: {ms:.3f} ms fwd+bwd, {count} in the model", flush=True)
+            for name, n, k_ms in top_kernels(graph, args.rows):
+                print(f"  {k_ms:7.3f} ms  x{n:<4d} {name[:110]}")
+            del graph
+            torch.cuda.empty_cache()
+    print("\n" + "\n".join(table))
+    print(f"{'all sublayers':20s} {'':8s}        {'':4s} {total:8.2f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
