@@ -156,3 +156,25 @@ def test_meta_build_and_bf16_forward():
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     # bf16 keeps 8 mantissa bits (~4e-3 relative per rounding); a handful of roundings in series.
     torch.testing.assert_close(y.double(), y64, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("docs", [False, True])
+def test_fused_xBC_projection_and_conv_equal_the_separate_ones(docs):
+    """Training forwards run x, B and C through one GEMM and one conv over the concatenated
+    weights; values and gradients equal the three separate projections and convs."""
+    layer = _layer()
+    x = _x(2, 13).requires_grad_(True)
+    doc_ids_BT = torch.tensor([[0] * 5 + [1] * 8, [0] * 13]) if docs else None
+    fused = layer._xBC_fused(x, doc_ids_BT)
+    separate = [conv(proj(x), doc_ids_BT) for proj, conv in
+                ((layer.x_proj, layer.conv_x), (layer.B_proj, layer.conv_B), (layer.C_proj, layer.conv_C))]
+    params = [x, *layer.parameters()]
+    cotangents = [torch.randn_like(t) for t in separate]
+    for got, want in zip(fused, separate):
+        torch.testing.assert_close(got, want, **F64)
+    got_grads = torch.autograd.grad(fused, params, cotangents, allow_unused=True)
+    want_grads = torch.autograd.grad(separate, params, cotangents, allow_unused=True)
+    for got, want in zip(got_grads, want_grads):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, **F64)

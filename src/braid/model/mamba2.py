@@ -169,9 +169,13 @@ class Mamba2(nn.Module):
         # -1 heads and groups: under tensor parallelism each rank holds only its own.
         groups = (-1, cfg.d_state)
         z_BTE = _project(self.z_proj, x_BTD, E)
-        x_BTE = self.conv_x(_project(self.x_proj, x_BTD, E), doc_ids_BT, conv_states[0], E)
-        B_BTGN = self.conv_B(_project(self.B_proj, x_BTD, GN), doc_ids_BT, conv_states[1], GN).unflatten(-1, groups)
-        C_BTGN = self.conv_C(_project(self.C_proj, x_BTD, GN), doc_ids_BT, conv_states[2], GN).unflatten(-1, groups)
+        if size is None and cache is None and _plain(self.x_proj, self.B_proj, self.C_proj):
+            x_BTE, B_BTC, C_BTC = self._xBC_fused(x_BTD, doc_ids_BT)
+        else:
+            x_BTE = self.conv_x(_project(self.x_proj, x_BTD, E), doc_ids_BT, conv_states[0], E)
+            B_BTC = self.conv_B(_project(self.B_proj, x_BTD, GN), doc_ids_BT, conv_states[1], GN)
+            C_BTC = self.conv_C(_project(self.C_proj, x_BTD, GN), doc_ids_BT, conv_states[2], GN)
+        B_BTGN, C_BTGN = B_BTC.unflatten(-1, groups), C_BTC.unflatten(-1, groups)
         state_dtype = _state_dtype(x_BTD.dtype)
         dt_bias_H, A_log_H, D_H = (_prefix(p, H) for p in (self.dt_bias, self.A_log, self.D))
         dt_BTH = F.softplus(_project(self.dt_proj, x_BTD, H).to(state_dtype) + dt_bias_H.to(state_dtype))
@@ -182,6 +186,18 @@ class Mamba2(nn.Module):
             return self.out_proj(self.norm(y_BTHP.flatten(-2), z_BTE))
         y_BTE = gated_rms_norm(y_BTHP.flatten(-2), z_BTE, self.norm.weight[:E], self.norm.eps, self.norm.group_size)
         return F.linear(y_BTE, self.out_proj.weight[:, :E])
+
+    def _xBC_fused(self, x_BTD: Tensor, doc_ids_BT: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """conv_x(x_proj(x)), conv_B(B_proj(x)), conv_C(C_proj(x)) as one projection and one
+        conv over their concatenated weights (each channel's conv is its own): one GEMM and
+        one conv kernel instead of three of each, as mamba_ssm's fused in_proj does."""
+        projections, convs = (self.x_proj, self.B_proj, self.C_proj), (self.conv_x, self.conv_B, self.conv_C)
+        xBC_BTC = F.linear(x_BTD, torch.cat([p.weight for p in projections]))
+        xBC_BTC = causal_conv1d(
+            xBC_BTC, torch.cat([c.weight for c in convs]), torch.cat([c.bias for c in convs]),
+            doc_ids_BT=doc_ids_BT, activation="silu",
+        )
+        return xBC_BTC.split([p.out_features for p in projections], dim=-1)
 
     def sliced_state_dict(self, heads: float) -> dict[str, Tensor]:
         """The state dict (copied weights) of this layer with only the first `heads` of its B/C groups."""
@@ -232,6 +248,12 @@ def _project(linear: nn.Linear, x_BTD: Tensor, rows: int | None) -> Tensor:
     """The linear's output, or only its first `rows` outputs (None: the module itself, so
     tensor-parallel hooks apply)."""
     return linear(x_BTD) if rows is None else F.linear(x_BTD, linear.weight[:rows])
+
+
+def _plain(*linears: nn.Linear) -> bool:
+    """Weights that are plain tensors (not DTensors sharded by tensor parallelism, which
+    shard each projection by its own heads or groups: those keep their modules' hooks)."""
+    return all(type(linear.weight) in (Tensor, nn.Parameter) for linear in linears)
 
 
 def _prefix(t: Tensor, rows: int | None) -> Tensor:
