@@ -17,6 +17,8 @@
 #                        (HYBRID_COMPILE modes: block-graph step-graph), seq 8192; the first run
 #                        also trains llama-374m (LLAMA8K_COMPILE, step-graph: its fastest mode)
 #                        and prints the hybrid/llama ratios
+#     blocks             bench/blocks.py: GPU time per sublayer kind of hybrid-374m  T_BLOCKS (150)
+#                        and llama-374m at seq 8192 (not in the default STAGES)
 #
 # fla autotunes each kernel shape on its first call on a machine (minutes for GLA and SSD,
 # shared by the hybrid and the kernel benchmarks); the results persist in TRITON_CACHE_DIR
@@ -102,8 +104,13 @@ for name in $STAGES; do
                 --out "$OUT/throughput.jsonl"
             baseline=()
         done ;;
+    blocks)
+        for config in hybrid-374m llama-374m; do
+            stage blocks "${T_BLOCKS:-150}" blocks.log \
+                python3 bench/blocks.py --config $config --seq-len 8192 --batch-size 2
+        done ;;
     *)
-        echo "unknown stage $name (stages: tests throughput_llama kernels throughput_hybrid)" ;;
+        echo "unknown stage $name (stages: tests throughput_llama kernels throughput_hybrid blocks)" ;;
     esac
 done
 
