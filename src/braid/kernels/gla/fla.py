@@ -20,6 +20,7 @@ from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd
 from fla.ops.utils import prepare_chunk_indices
 from torch import Tensor
 
+from braid.kernels.custom_ops import cuda_op, optional_fake, optional_grad
 from braid.kernels.gla.packed import gla_step_via_recurrent, gla_via_packed
 
 # Opaque to torch.compile (a graph break), as braid.kernels.ssd.fla's kernels; decoding only.
@@ -37,11 +38,9 @@ def _chunk_indices(cu_seqlens, cu_seqlens_cpu, chunk_size):
 
 # chunk_gla's forward and backward as custom ops with fake kernels (what fla's ChunkGLAFunction
 # runs): an opaque node of one torch.compile graph instead of a graph break per GLA layer.
-@torch.library.custom_op(
-    "braid::fla_chunk_gla",
-    mutates_args=(),
-    device_types="cuda",
-    schema="(Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state, bool output_final_state, "
+@cuda_op(
+    "fla_chunk_gla",
+    "(Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state, bool output_final_state, "
     "Tensor? cu_seqlens, Tensor? cu_seqlens_cpu) -> (Tensor, Tensor, Tensor)",
 )
 def _chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu):
@@ -67,11 +66,9 @@ def _(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, cu_seqle
     return v.new_empty(v.shape), final, q.new_empty((batch, T, H, _chunk_length(T)), dtype=torch.float32)
 
 
-@torch.library.custom_op(
-    "braid::fla_chunk_gla_backward",
-    mutates_args=(),
-    device_types="cuda",
-    schema="(Tensor do, Tensor? dfinal, Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state, "
+@cuda_op(
+    "fla_chunk_gla_backward",
+    "(Tensor do, Tensor? dfinal, Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state, "
     "Tensor A, Tensor? cu_seqlens, Tensor? cu_seqlens_cpu) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def _chunk_gla_backward(do, dfinal, q, k, v, g, scale, initial_state, A, cu_seqlens, cu_seqlens_cpu):
@@ -83,14 +80,14 @@ def _chunk_gla_backward(do, dfinal, q, k, v, g, scale, initial_state, A, cu_seql
             dht=dfinal, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
             chunk_indices=_chunk_indices(cu_seqlens, cu_seqlens_cpu, chunk_size),
         )
-    dinitial = q.new_empty(0) if initial_state is None else dinitial.to(initial_state.dtype).contiguous()
-    return tuple(d.to(t.dtype).contiguous() for d, t in ((dq, q), (dk, k), (dv, v), (dg, g))) + (dinitial,)
+    grads = tuple(d.to(t.dtype).contiguous() for d, t in ((dq, q), (dk, k), (dv, v), (dg, g)))
+    return (*grads, optional_grad(dinitial, initial_state, q))
 
 
 @_chunk_gla_backward.register_fake
 def _(do, dfinal, q, k, v, g, scale, initial_state, A, cu_seqlens, cu_seqlens_cpu):
-    dinitial = q.new_empty(0) if initial_state is None else initial_state.new_empty(initial_state.shape)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), g.new_empty(g.shape), dinitial
+    grads = (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), g.new_empty(g.shape))
+    return (*grads, optional_fake(initial_state, q))
 
 
 def _gla_setup(ctx, inputs, output):

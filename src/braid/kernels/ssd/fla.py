@@ -19,6 +19,7 @@ from fla.modules.causal_conv1d.ops import causal_conv1d_bwd, causal_conv1d_fwd
 from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 from torch import Tensor
 
+from braid.kernels.custom_ops import cuda_op, optional_fake, optional_grad
 from braid.kernels.ssd.packed import causal_conv1d_via_packed, ssd_step_via_simple_gla, ssd_via_simple_gla
 
 # Opaque to torch.compile (graph breaks): dynamo tracing fla's Python fails in a fresh process
@@ -29,11 +30,9 @@ fused_recurrent_simple_gla = torch.compiler.disable(fused_recurrent_simple_gla)
 
 # fla's conv forward and backward as custom ops with fake kernels: opaque nodes of one
 # torch.compile graph rather than a graph break at each of the three convs of a Mamba-2 layer.
-@torch.library.custom_op(
-    "braid::fla_causal_conv1d",
-    mutates_args=(),
-    device_types="cuda",
-    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_state, bool output_final_state, str? activation, "
+@cuda_op(
+    "fla_causal_conv1d",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_state, bool output_final_state, str? activation, "
     "Tensor? cu_seqlens, Tensor? cu_seqlens_cpu) -> (Tensor, Tensor)",
 )
 def _conv(x, weight, bias, initial_state, output_final_state, activation, cu_seqlens, cu_seqlens_cpu):
@@ -54,11 +53,9 @@ def _(x, weight, bias, initial_state, output_final_state, activation, cu_seqlens
     return x.new_empty(x.shape), x.new_empty((num_sequences, *weight.shape))
 
 
-@torch.library.custom_op(
-    "braid::fla_causal_conv1d_backward",
-    mutates_args=(),
-    device_types="cuda",
-    schema="(Tensor dy, Tensor? dfinal, Tensor x, Tensor weight, Tensor? bias, Tensor? initial_state, "
+@cuda_op(
+    "fla_causal_conv1d_backward",
+    "(Tensor dy, Tensor? dfinal, Tensor x, Tensor weight, Tensor? bias, Tensor? initial_state, "
     "str? activation, Tensor? cu_seqlens, Tensor? cu_seqlens_cpu) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 def _conv_backward(dy, dfinal, x, weight, bias, initial_state, activation, cu_seqlens, cu_seqlens_cpu):
@@ -66,15 +63,13 @@ def _conv_backward(dy, dfinal, x, weight, bias, initial_state, activation, cu_se
         x=x, dy=dy.contiguous(), dht=dfinal, weight=weight, bias=bias, residual=None, initial_state=initial_state,
         activation=activation, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu,
     )
-    db = x.new_empty(0) if bias is None else db.to(bias.dtype).contiguous()
-    dinitial = x.new_empty(0) if initial_state is None else dinitial.to(initial_state.dtype).contiguous()
-    return dx.to(x.dtype).contiguous(), dw.to(weight.dtype).contiguous(), db, dinitial
+    return (dx.to(x.dtype).contiguous(), dw.to(weight.dtype).contiguous(), optional_grad(db, bias, x),
+            optional_grad(dinitial, initial_state, x))
 
 
 @_conv_backward.register_fake
 def _(dy, dfinal, x, weight, bias, initial_state, activation, cu_seqlens, cu_seqlens_cpu):
-    optional = [x.new_empty(0) if t is None else t.new_empty(t.shape) for t in (bias, initial_state)]
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), *optional
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), optional_fake(bias, x), optional_fake(initial_state, x)
 
 
 def _conv_setup(ctx, inputs, output):

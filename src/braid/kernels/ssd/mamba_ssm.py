@@ -23,6 +23,7 @@ import types
 import torch
 from torch import Tensor
 
+from braid.kernels.custom_ops import cuda_op, optional_fake, optional_grad
 from braid.kernels.varlen import segment_index_BT
 
 SSD_COMBINED = "mamba_ssm.ops.triton.ssd_combined"
@@ -53,11 +54,9 @@ _combined = _load_ssd_combined()
 # mamba_ssm's forward and backward as two custom ops with fake kernels: torch.compile keeps
 # them as opaque nodes of one graph (no graph break around each SSD, so the projections, conv
 # and gated norm around it fuse, and gradients are summed inside the compiled backward).
-@torch.library.custom_op(
-    "braid::mamba_ssd",
-    mutates_args=(),
-    device_types="cuda",
-    schema="(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? initial_states, "
+@cuda_op(
+    "mamba_ssd",
+    "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? initial_states, "
     "Tensor? seq_idx, int chunk_size) -> (Tensor, Tensor)",
 )
 def _mamba_ssd(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
@@ -73,11 +72,9 @@ def _(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
     return x.new_empty(x.shape), x.new_empty((batch, heads, head_dim, B.shape[-1]), dtype=torch.float32)
 
 
-@torch.library.custom_op(
-    "braid::mamba_ssd_backward",
-    mutates_args=(),
-    device_types="cuda",
-    schema="(Tensor dout, Tensor? dfinal_states, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor out, "
+@cuda_op(
+    "mamba_ssd_backward",
+    "(Tensor dout, Tensor? dfinal_states, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor out, "
     "Tensor? D, Tensor? initial_states, Tensor? seq_idx, int chunk_size) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
@@ -87,16 +84,13 @@ def _mamba_ssd_backward(dout, dfinal_states, x, dt, A, B, C, out, D, initial_sta
         dfinal_states=dfinal_states, seq_idx=seq_idx,
     )
     grads = [dx.to(x.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype)]
-    for grad, like in ((dD, D), (dinitial, initial_states)):  # absent inputs: an empty placeholder
-        grads.append(x.new_empty(0) if like is None else grad.to(like.dtype))
-    return tuple(g.contiguous() for g in grads)
+    return (*(g.contiguous() for g in grads), optional_grad(dD, D, x), optional_grad(dinitial, initial_states, x))
 
 
 @_mamba_ssd_backward.register_fake
 def _(dout, dfinal_states, x, dt, A, B, C, out, D, initial_states, seq_idx, chunk_size):
-    optional = [x.new_empty(0) if t is None else t.new_empty(t.shape) for t in (D, initial_states)]
     return (x.new_empty(x.shape), dt.new_empty(dt.shape), A.new_empty(A.shape), B.new_empty(B.shape),
-            C.new_empty(C.shape), *optional)
+            C.new_empty(C.shape), optional_fake(D, x), optional_fake(initial_states, x))
 
 
 def _setup_context(ctx, inputs, output):
