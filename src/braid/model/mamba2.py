@@ -1,7 +1,8 @@
 """Mamba-2 mixer (SSD): projections, short causal convs, the SSD scan, gated RMSNorm, output.
 
 Separate z/x/B/C/dt projections (rather than mamba_ssm's one in_proj) so tensor parallelism
-can shard each by heads or groups.
+can shard each by heads or groups; a training forward on unsharded weights still runs x, B
+and C as one GEMM and one conv over their concatenated weights (`_xBC_fused`).
 
 Shape legend: B batch, T time, D d_model, E d_inner (= expand * d_model), H heads,
 P head dim, G groups of B/C, N state dim, K conv taps. Conv states `*_BCK` hold the last
