@@ -267,13 +267,12 @@ def bench_gla(bench: Bench) -> None:
 
 
 def bench_conv(bench: Bench) -> None:
-    """At the hybrid's two conv widths (x: 2048 channels; B and C: 128 each), fla's kernel
-    against the reference eager and compiled by inductor (what runs inside a compiled step
-    when conv is in FUSED_BY_COMPILE)."""
+    """At the hybrid's conv widths (x, B and C fused: 2304 channels; x alone 2048; B or C 128),
+    fla's kernel and braid's own against the reference eager and compiled by inductor."""
     K = 4
     probe = (torch.empty(1, device="cuda", dtype=BF16),)
     compiled_reference = torch.compile(causal_conv1d_reference, dynamic=False)
-    for C in (2048, 128):
+    for C in (2304, 2048, 128):  # fused x/B/C, x alone, B or C alone
         def make(fn=causal_conv1d, C=C):
             leaves = dict(
                 x_BTC=randn(B, T, C), weight_CK=torch.randn(C, K, device="cuda"), bias_C=torch.randn(C, device="cuda")
@@ -284,6 +283,8 @@ def bench_conv(bench: Bench) -> None:
         shape = f"B{B} T{T} C{C} K{K}"
         bench.add("conv", f"fla causal_conv1d C{C}", shape, make, bytes_moved=moved, force="conv=fla",
                   backend=("conv", "fla", probe))
+        bench.add("conv", f"braid triton C{C}", shape, make, bytes_moved=moved, force="conv=triton",
+                  backend=("conv", "triton", probe))
         bench.add("conv", f"reference, inductor C{C}", shape, lambda C=C: make(compiled_reference, C),
                   bytes_moved=moved)
         bench.add("conv", f"reference C{C}", shape, make, bytes_moved=moved, force="reference")

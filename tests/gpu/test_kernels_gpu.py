@@ -327,6 +327,25 @@ def test_causal_conv1d(dtype, T, docs, with_state):
     assert_parity(fast, ref, _tol(dtype, exact_fp32=True))
 
 
+@pytest.mark.parametrize("dtype, T, docs", [(d, T, docs) for d, T, docs, state in SEQ_CASES if not state])
+def test_causal_conv1d_triton(dtype, T, docs):
+    """braid's own conv kernels (braid.kernels.ssd.conv_triton; sequences without states)."""
+    require("conv", "triton")
+    B, C, K = 2, 2304, 4  # Mamba-2's fused x/B/C width in hybrid-374m
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    leaves = dict(
+        x_BTC=torch.randn(B, T, C, generator=gen, device="cuda").to(dtype),
+        weight_CK=torch.randn(C, K, generator=gen, device="cuda") * 0.5,
+        bias_C=torch.randn(C, generator=gen, device="cuda"),
+    )
+    kwargs = dict(doc_ids_BT=doc_ids_for(B, T) if docs else None, activation="silu")
+    with use_backends("conv=triton"):
+        assert pick("conv", *leaves.values()) == "triton"
+        fast = run_with_grads(lambda **kw: causal_conv1d(**kw, **kwargs), leaves)
+    ref = run_with_grads(lambda **kw: causal_conv1d_reference(**kw, **kwargs), leaves)
+    assert_parity(fast, ref, _tol(dtype, exact_fp32=True))
+
+
 # GLA.
 
 

@@ -143,6 +143,23 @@ def test_ssd_dispatch_excludes_mamba_ssm_for_documents_with_a_state(fake_gpu, mo
     assert seen == [(), ("mamba_ssm",)]
 
 
+def test_conv_dispatch_keeps_states_off_the_triton_conv(fake_gpu, monkeypatch):
+    from braid.kernels.ssd import conv as conv_module
+
+    seen = []
+
+    def fake_pick(op, *tensors, unsupported=()):
+        seen.append(tuple(unsupported))
+        return "reference"
+
+    monkeypatch.setattr(conv_module, "pick", fake_pick)
+    x, weight = torch.randn(1, 5, 3), torch.randn(3, 4)
+    conv_module.causal_conv1d(x, weight)
+    conv_module.causal_conv1d(x, weight, initial_state_BCK=torch.zeros(1, 3, 3))
+    conv_module.causal_conv1d(x, weight, return_final_state=True)
+    assert seen == [(), ("triton",), ("triton",)]
+
+
 @pytest.mark.parametrize("cudnn_imports", [False, True], ids=["no_cudnn_frontend", "cudnn_frontend"])
 def test_attention_dispatch_routes_windows_and_documents(fake_gpu, monkeypatch, cudnn_imports):
     from types import SimpleNamespace

@@ -36,7 +36,7 @@ AUTO = "auto"
 FAST_BACKENDS: dict[str, tuple[str, ...]] = {
     "ssd": ("fla", "mamba_ssm"),
     "ssd_step": ("fla",),
-    "conv": ("fla",),
+    "conv": ("fla", "triton"),
     "gla": ("fla",),
     "gla_step": ("fla",),
     "attention": ("sdpa", "flash_attn", "cudnn", "flex", "torch_flash"),
@@ -51,6 +51,7 @@ BACKEND_MODULES: dict[tuple[str, str], str] = {
     ("ssd", "mamba_ssm"): "braid.kernels.ssd.mamba_ssm",
     ("ssd_step", "fla"): "braid.kernels.ssd.fla",
     ("conv", "fla"): "braid.kernels.ssd.fla",
+    ("conv", "triton"): "braid.kernels.ssd.conv_triton",
     ("gla", "fla"): "braid.kernels.gla.fla",
     ("gla_step", "fla"): "braid.kernels.gla.fla",
     ("attention", "sdpa"): "braid.kernels.attention.sdpa",

@@ -64,16 +64,23 @@ def causal_conv1d(
     initial_state_BCK: (B, C, K-1), the inputs before x (zeros if None), seen only by the first
     document of each row; activation: "silu" or None.
     Returns y_BTC (x's dtype) and with `return_final_state` the last K-1 inputs (B, C, K-1),
-    those of earlier documents zeroed. On CUDA this runs fla's Triton conv (see
-    braid.kernels.backend), elsewhere `causal_conv1d_reference`.
+    those of earlier documents zeroed. On CUDA this runs fla's Triton conv, or braid's own
+    (braid.kernels.ssd.conv_triton, `BRAID_KERNELS=conv=triton`; sequences without states),
+    elsewhere `causal_conv1d_reference`.
     """
     _check_conv_inputs(x_BTC, weight_CK, bias_C, doc_ids_BT, initial_state_BCK, activation)
     kwargs = dict(
         doc_ids_BT=doc_ids_BT, initial_state_BCK=initial_state_BCK, activation=activation,
         return_final_state=return_final_state,
     )
-    if pick("conv", x_BTC, weight_CK, bias_C, initial_state_BCK) == "fla":
+    with_state = initial_state_BCK is not None or return_final_state
+    backend = pick("conv", x_BTC, weight_CK, bias_C, initial_state_BCK, unsupported=("triton",) if with_state else ())
+    if backend == "fla":
         return backend_module("conv", "fla").causal_conv1d_fla(x_BTC, weight_CK, bias_C, **kwargs)
+    if backend == "triton":
+        return backend_module("conv", "triton").causal_conv1d_triton(
+            x_BTC, weight_CK, bias_C, doc_ids_BT=doc_ids_BT, activation=activation
+        )
     return causal_conv1d_reference(x_BTC, weight_CK, bias_C, **kwargs)
 
 

@@ -1,0 +1,217 @@
+"""Mamba's depthwise causal conv (+ SiLU) as braid's own Triton kernels, document-aware.
+
+    pre_t = bias + sum_k w[:, k] * x_{t-(K-1)+k},   y_t = silu(pre_t)
+
+A tap reaching before the row or into another document reads zero. One program covers a
+(BLOCK_T time steps x BLOCK_C channels) tile of one row, the channels contiguous.
+The forward computes pre in float32 and stores y in x's dtype. The backward recomputes pre
+where it needs it (no saved activations besides x): dx_s = sum_j w[:, K-1-j] * dpre_{s+j} over
+the taps that reach s from later steps of its own document, with dpre = dy * silu'(pre); each
+program writes its tile's partial weight and bias gradients to its own rows of float32
+buffers, summed afterwards (no atomics: deterministic). Sequences only, without conv states
+(the training path; the dispatcher sends calls with states elsewhere).
+
+As a torch op pair (`braid::causal_conv1d`, `braid::causal_conv1d_backward`) with fake
+kernels, so torch.compile keeps it as one node. The kernels also run on CPU tensors under
+TRITON_INTERPRET=1 (the CI parity test); not yet the default on CUDA (fla's conv is first in
+FAST_BACKENDS until this one is measured on a GPU).
+
+Legend: B batch, T time, C channels, K taps.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from braid.kernels.custom_ops import cuda_op
+
+BLOCK_T = 32
+BLOCK_C = 128
+
+
+@triton.jit
+def _pre_activation(X, W, BIAS, DOC, row_x, row_doc, t, doc_t, cols, col_ok, T, stride_xt, stride_dt,
+                    K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_DOC: tl.constexpr):
+    """pre at times t (BT,) of the row, (BT, BC) float32; doc_t: t's doc ids (with HAS_DOC)."""
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    for k in tl.static_range(K):
+        src = t - (K - 1) + k
+        ok = (src >= 0) & (src < T)
+        if HAS_DOC:
+            ok = ok & (tl.load(DOC + row_doc + src * stride_dt, mask=ok, other=-1) == doc_t)
+        x = tl.load(X + row_x + src[:, None] * stride_xt + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
+        w = tl.load(W + cols * K + k, mask=col_ok, other=0.0).to(tl.float32)
+        acc += x * w[None, :]
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(X, W, BIAS, DOC, Y, T, C, stride_xb, stride_xt, stride_db, stride_dt,
+                     K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr):
+    b = tl.program_id(2).to(tl.int64)
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    t_ok, col_ok = t < T, cols < C
+    doc_t = t
+    if HAS_DOC:
+        doc_t = tl.load(DOC + b * stride_db + t * stride_dt, mask=t_ok, other=0)
+    pre = _pre_activation(X, W, BIAS, DOC, b * stride_xb, b * stride_db, t, doc_t, cols, col_ok, T, stride_xt,
+                          stride_dt, K, BT, BC, HAS_BIAS, HAS_DOC)
+    y = pre * tl.sigmoid(pre) if SILU else pre
+    tl.store(Y + (b * T + t[:, None]) * C + cols[None, :], y.to(Y.dtype.element_ty),
+             mask=t_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _conv_bwd_kernel(X, W, BIAS, DOC, DY, DX, DW_PARTIAL, DB_PARTIAL, T, C, stride_xb, stride_xt, stride_db,
+                     stride_dt, stride_yb, stride_yt,
+                     K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr):
+    b = tl.program_id(2).to(tl.int64)
+    s = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    s_ok, col_ok = s < T, cols < C
+    doc_s = s
+    if HAS_DOC:
+        doc_s = tl.load(DOC + b * stride_db + s * stride_dt, mask=s_ok, other=0)
+    dx = tl.zeros((BT, BC), dtype=tl.float32)
+    for j in tl.static_range(K):  # output t = s + j reads x_s through tap K-1-j
+        t = s + j
+        ok = t < T
+        doc_t = t
+        if HAS_DOC:
+            doc_t = tl.load(DOC + b * stride_db + t * stride_dt, mask=ok, other=-1)
+            ok = ok & (doc_t == doc_s)
+        pre = _pre_activation(X, W, BIAS, DOC, b * stride_xb, b * stride_db, t, doc_t, cols, col_ok, T, stride_xt,
+                              stride_dt, K, BT, BC, HAS_BIAS, HAS_DOC)
+        dy = tl.load(DY + b * stride_yb + t[:, None] * stride_yt + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                     other=0.0).to(tl.float32)
+        if SILU:
+            sig = tl.sigmoid(pre)
+            dpre = dy * sig * (1.0 + pre * (1.0 - sig))
+        else:
+            dpre = dy
+        w = tl.load(W + cols * K + (K - 1 - j), mask=col_ok, other=0.0).to(tl.float32)
+        dx += dpre * w[None, :]
+        if j == 0:  # this tile's own outputs: their weight and bias gradients
+            program = (b * tl.num_programs(0) + tl.program_id(0)) * C
+            if HAS_BIAS:
+                tl.store(DB_PARTIAL + program + cols, tl.sum(dpre, axis=0), mask=col_ok)
+            for k in tl.static_range(K):
+                src = s - (K - 1) + k
+                tap_ok = (src >= 0) & s_ok
+                if HAS_DOC:
+                    tap_ok = tap_ok & (tl.load(DOC + b * stride_db + src * stride_dt, mask=tap_ok, other=-1) == doc_s)
+                x = tl.load(X + b * stride_xb + src[:, None] * stride_xt + cols[None, :],
+                            mask=tap_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                tl.store(DW_PARTIAL + (program + cols) * K + k, tl.sum(dpre * x, axis=0), mask=col_ok)
+    tl.store(DX + (b * T + s[:, None]) * C + cols[None, :], dx.to(DX.dtype.element_ty),
+             mask=s_ok[:, None] & col_ok[None, :])
+
+
+def _grid(x_BTC: Tensor) -> tuple[int, int, int]:
+    batch, T, C = x_BTC.shape
+    return triton.cdiv(T, BLOCK_T), triton.cdiv(C, BLOCK_C), batch
+
+
+def _doc_args(doc_ids_BT: Tensor | None, x_BTC: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """The doc ids pointer and strides; without documents any tensor (never read) and zeros."""
+    return (x_BTC, (0, 0)) if doc_ids_BT is None else (doc_ids_BT, doc_ids_BT.stride())
+
+
+def _channels_contiguous(x_BTC: Tensor) -> Tensor:
+    return x_BTC if x_BTC.stride(-1) == 1 else x_BTC.contiguous()
+
+
+def conv_forward(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, doc_ids_BT: Tensor | None,
+                 silu: bool) -> Tensor:
+    """y_BTC (x's dtype, contiguous): the kernel's forward."""
+    x_BTC = _channels_contiguous(x_BTC)
+    weight_CK = weight_CK.contiguous()
+    y_BTC = torch.empty(x_BTC.shape, device=x_BTC.device, dtype=x_BTC.dtype)
+    doc, doc_strides = _doc_args(doc_ids_BT, x_BTC)
+    _conv_fwd_kernel[_grid(x_BTC)](
+        x_BTC, weight_CK, bias_C if bias_C is not None else weight_CK, doc, y_BTC, x_BTC.shape[1], x_BTC.shape[2],
+        x_BTC.stride(0), x_BTC.stride(1), *doc_strides,
+        K=weight_CK.shape[1], BT=BLOCK_T, BC=BLOCK_C, HAS_BIAS=bias_C is not None, HAS_DOC=doc_ids_BT is not None,
+        SILU=silu,
+    )
+    return y_BTC
+
+
+def conv_backward(dy_BTC: Tensor, x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None,
+                  doc_ids_BT: Tensor | None, silu: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """dx_BTC (x's dtype), dweight_CK and dbias_C (their parameters' dtypes): the kernel's backward."""
+    x_BTC, dy_BTC = _channels_contiguous(x_BTC), _channels_contiguous(dy_BTC)
+    weight_CK = weight_CK.contiguous()
+    grid = _grid(x_BTC)
+    batch, T, C = x_BTC.shape
+    K = weight_CK.shape[1]
+    dx_BTC = torch.empty(x_BTC.shape, device=x_BTC.device, dtype=x_BTC.dtype)
+    dw_PCK = torch.empty(grid[0] * batch, C, K, device=x_BTC.device, dtype=torch.float32)
+    db_PC = torch.empty(grid[0] * batch, C, device=x_BTC.device, dtype=torch.float32)
+    doc, doc_strides = _doc_args(doc_ids_BT, x_BTC)
+    _conv_bwd_kernel[grid](
+        x_BTC, weight_CK, bias_C if bias_C is not None else weight_CK, doc, dy_BTC, dx_BTC, dw_PCK, db_PC, T, C,
+        x_BTC.stride(0), x_BTC.stride(1), *doc_strides, dy_BTC.stride(0), dy_BTC.stride(1),
+        K=K, BT=BLOCK_T, BC=BLOCK_C, HAS_BIAS=bias_C is not None, HAS_DOC=doc_ids_BT is not None, SILU=silu,
+    )
+    db_C = None if bias_C is None else db_PC.sum(0).to(bias_C.dtype)
+    return dx_BTC, dw_PCK.sum(0).to(weight_CK.dtype), db_C
+
+
+@cuda_op(
+    "causal_conv1d",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? doc_ids, bool silu) -> Tensor",
+)
+def _conv(x, weight, bias, doc_ids, silu):
+    return conv_forward(x, weight, bias, doc_ids, silu)
+
+
+@_conv.register_fake
+def _(x, weight, bias, doc_ids, silu):
+    return x.new_empty(x.shape)
+
+
+@cuda_op(
+    "causal_conv1d_backward",
+    "(Tensor dy, Tensor x, Tensor weight, Tensor? bias, Tensor? doc_ids, bool silu) -> (Tensor, Tensor, Tensor)",
+)
+def _conv_backward(dy, x, weight, bias, doc_ids, silu):
+    dx, dw, db = conv_backward(dy, x, weight, bias, doc_ids, silu)
+    return dx, dw, x.new_empty(0) if db is None else db
+
+
+@_conv_backward.register_fake
+def _(dy, x, weight, bias, doc_ids, silu):
+    db = x.new_empty(0) if bias is None else bias.new_empty(bias.shape)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), db
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, doc_ids, silu = inputs
+    ctx.save_for_backward(x, weight, bias, doc_ids)
+    ctx.silu = silu
+
+
+def _grads(ctx, dy):
+    x, weight, bias, doc_ids = ctx.saved_tensors
+    dx, dw, db = torch.ops.braid.causal_conv1d_backward(dy, x, weight, bias, doc_ids, ctx.silu)
+    return dx, dw, db if bias is not None else None, None, None
+
+
+_conv.register_autograd(_grads, setup_context=_setup)
+
+
+def causal_conv1d_triton(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None = None, *,
+                         doc_ids_BT: Tensor | None = None, activation: str | None = "silu") -> Tensor:
+    """`braid.kernels.ssd.causal_conv1d` without states (inputs validated by the dispatcher)."""
+    return torch.ops.braid.causal_conv1d(x_BTC, weight_CK, bias_C, doc_ids_BT, activation == "silu")

@@ -1,0 +1,72 @@
+"""braid's Triton causal conv (braid.kernels.ssd.conv_triton) against the reference, run by
+Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 in a child process: the flag must be
+set before triton is imported). Outputs and the gradients of x, weight and bias; rows and
+packed documents; with and without SiLU and bias; lengths that do not fill a tile.
+
+Tolerances: float32 2e-5 relative (the same float32 sums in another order); bfloat16 inputs
+1e-2 (x and y rounded to bfloat16 on both sides, float32 inside).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+CASES = [  # (B, T, C, K, docs, silu, bias)
+    (2, 37, 40, 4, False, True, True),
+    (2, 37, 40, 4, True, True, True),
+    (1, 70, 130, 4, True, False, True),
+    (2, 5, 8, 3, False, True, False),
+    (1, 33, 16, 2, True, True, False),
+]
+
+
+def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
+def check_interpreted_conv_kernels() -> None:
+    """Run in the child process: every CASES case in float32 and bfloat16."""
+    import triton
+
+    from braid.kernels.ssd.conv import causal_conv1d_reference
+    from braid.kernels.ssd.conv_triton import conv_backward, conv_forward
+
+    assert triton.knobs.runtime.interpret, "TRITON_INTERPRET=1 must be set before triton is imported"
+    for B, T, C, K, docs, silu, with_bias in CASES:
+        for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 1e-2)):
+            gen = torch.Generator().manual_seed(T * C + K)
+            x = torch.randn(B, T, C, generator=gen).to(dtype).requires_grad_(True)
+            weight = torch.randn(C, K, generator=gen).requires_grad_(True)
+            bias = torch.randn(C, generator=gen).requires_grad_(True) if with_bias else None
+            doc_ids = (torch.rand(B, T, generator=gen) < 0.15).cumsum(dim=1) if docs else None
+            activation = "silu" if silu else None
+            dy = torch.randn(B, T, C, generator=gen).to(dtype)
+
+            ref_y = causal_conv1d_reference(x, weight, bias, doc_ids_BT=doc_ids, activation=activation)
+            leaves = [t for t in (x, weight, bias) if t is not None]
+            ref_grads = torch.autograd.grad(ref_y, leaves, dy)
+            with torch.no_grad():
+                y = conv_forward(x, weight, bias, doc_ids, silu)
+                dx, dw, db = conv_backward(dy, x, weight, bias, doc_ids, silu)
+            grads = [dx, dw] + ([db] if with_bias else [])
+            assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == weight.dtype
+            assert _relative(y, ref_y) < tol, ("y", _relative(y, ref_y))
+            for name, got, want in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+                assert _relative(got, want) < tol, (name, _relative(got, want))
+            print(f"ok B={B} T={T} C={C} K={K} docs={docs} silu={silu} bias={with_bias} {dtype}")
+
+
+def test_triton_conv_kernels_match_the_reference_interpreted():
+    root = Path(__file__).resolve().parents[2]
+    child = "from tests.kernels.test_conv_triton import check_interpreted_conv_kernels as check; check()"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-c", child], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok ") == 2 * len(CASES), result.stdout
