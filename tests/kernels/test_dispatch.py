@@ -105,6 +105,14 @@ def test_pick_follows_preference_and_unsupported(fake_gpu):
     assert pick("ssd", t, unsupported=["fla", "mamba_ssm"]) == "reference"
 
 
+def test_opt_in_backends_run_only_when_named(fake_gpu):
+    t = torch.zeros(1)
+    assert pick("conv", t) == "fla"
+    assert pick("conv", t, unsupported=["fla"]) == "reference"  # triton is opt-in
+    with use_backends("conv=triton"):
+        assert pick("conv", t) == "triton"
+
+
 def test_forced_backends_fall_back_when_missing_or_unsupported(fake_gpu):
     t = torch.zeros(1)
     with use_backends("attention=flash_attn"):

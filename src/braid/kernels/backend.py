@@ -3,7 +3,8 @@
 The choice comes from BRAID_KERNELS (read once at import; `use_backends` changes it in code):
 
     auto (default)       the first fast backend of the op's preference list (FAST_BACKENDS)
-                         that imports and supports the call, else the reference
+                         that imports and supports the call, else the reference; backends
+                         in OPT_IN run only when named
     reference            every op runs its reference (the CPU path and the test oracle)
     ssd=mamba_ssm,...    per-op choices, optionally after a default for the other ops:
                          "reference,attention=flex" or "auto,norm=liger"
@@ -67,6 +68,9 @@ BACKEND_MODULES: dict[tuple[str, str], str] = {
     ("moe", "grouped_mm"): "braid.kernels.moe.grouped_mm",
 }
 FUSED_BY_COMPILE = frozenset({"norm", "gated_norm", "swiglu"})
+# Backends that run only when forced (BRAID_KERNELS="conv=triton"), not under auto: not yet
+# validated and measured on a GPU.
+OPT_IN = frozenset({("conv", "triton")})
 
 _settings: dict[str, str] = {}
 _default = [AUTO]
@@ -243,6 +247,8 @@ def pick(
     if op in FUSED_BY_COMPILE and torch.compiler.is_compiling():
         return REFERENCE
     excluded = set(unsupported)
+    if choice == AUTO:
+        excluded |= {name for kind, name in OPT_IN if kind == op}
     candidates = (order or FAST_BACKENDS[op]) if choice == AUTO else (choice,)
     for backend in candidates:
         if backend not in excluded and available(op, backend):

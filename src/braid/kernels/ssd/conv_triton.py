@@ -13,8 +13,8 @@ buffers, summed afterwards (no atomics: deterministic). Sequences only, without 
 
 As a torch op pair (`braid::causal_conv1d`, `braid::causal_conv1d_backward`) with fake
 kernels, so torch.compile keeps it as one node. The kernels also run on CPU tensors under
-TRITON_INTERPRET=1 (the CI parity test); not yet the default on CUDA (fla's conv is first in
-FAST_BACKENDS until this one is measured on a GPU).
+TRITON_INTERPRET=1 (the CI parity test). Opt-in (`BRAID_KERNELS=conv=triton`,
+braid.kernels.backend.OPT_IN) until it is validated and measured on a GPU.
 
 Legend: B batch, T time, C channels, K taps.
 """
