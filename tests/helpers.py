@@ -40,3 +40,23 @@ def packed_batch(step: int, vocab_size: int, batch_size: int = 8, seq_len: int =
     labels[:, -1] = IGNORE_INDEX
     labels[:, :-1][doc_ids[:, 1:] != doc_ids[:, :-1]] = IGNORE_INDEX
     return {"input_ids": tokens, "labels": labels, "doc_ids": doc_ids}
+
+
+def run_interpreted(check: str, expected_oks: int, timeout: int = 600) -> None:
+    """Run `check` ("tests.module:function") in a child process under Triton's interpreter
+    (TRITON_INTERPRET=1 must be set before triton is imported, so not in this process); the
+    check prints one "ok ..." line per case, and `expected_oks` of them must appear."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    module, function = check.split(":")
+    child = f"from {module} import {function}; {function}()"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", child], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok ") == expected_oks, result.stdout

@@ -9,12 +9,9 @@ Tolerances: float32 2e-5 relative (the same float32 sums in another order); bflo
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
+
+from tests.helpers import run_interpreted
 
 CASES = [  # (B, T, C, K, docs, silu, bias)
     (2, 37, 40, 4, False, True, True),
@@ -62,11 +59,4 @@ def check_interpreted_conv_kernels() -> None:
 
 
 def test_triton_conv_kernels_match_the_reference_interpreted():
-    root = Path(__file__).resolve().parents[2]
-    child = "from tests.kernels.test_conv_triton import check_interpreted_conv_kernels as check; check()"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-c", child], cwd=root, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok ") == 2 * len(CASES), result.stdout
+    run_interpreted("tests.kernels.test_conv_triton:check_interpreted_conv_kernels", 2 * len(CASES))

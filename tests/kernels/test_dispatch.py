@@ -14,11 +14,7 @@ bf16 ulp is 2**-8 ~ 4e-3 relative, the output and gradients are rounded once mor
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +32,7 @@ from braid.kernels.ssd.packed import causal_conv1d_via_packed, ssd_step_via_simp
 from braid.kernels.ssd.reference import ssd_naive, ssd_step_reference
 from braid.kernels.swiglu import silu_mul
 from braid.kernels.varlen import run_packed, segment_index_BT, segments, segments_from_doc_ids
+from tests.helpers import run_interpreted
 
 F64 = dict(rtol=1e-9, atol=1e-10)
 TRITON_F32 = dict(rtol=1e-5, atol=1e-5)
@@ -133,15 +130,22 @@ def test_elementwise_ops_leave_fusion_to_torch_compile(fake_gpu, monkeypatch):
     assert pick("attention", t) == "sdpa"
 
 
-def test_ssd_dispatch_excludes_mamba_ssm_for_documents_with_a_state(fake_gpu, monkeypatch):
-    from braid.kernels import ssd as ssd_module
-
+def record_unsupported(monkeypatch, module) -> list[tuple[str, ...]]:
+    """Replace `module.pick` by one that records each call's `unsupported` and picks the reference."""
     seen = []
-    def fake_pick(op, *tensors, unsupported=()):
+
+    def recording_pick(op, *tensors, unsupported=()):
         seen.append(tuple(unsupported))
         return "reference"
 
-    monkeypatch.setattr(ssd_module, "pick", fake_pick)
+    monkeypatch.setattr(module, "pick", recording_pick)
+    return seen
+
+
+def test_ssd_dispatch_excludes_mamba_ssm_for_documents_with_a_state(fake_gpu, monkeypatch):
+    from braid.kernels import ssd as ssd_module
+
+    seen = record_unsupported(monkeypatch, ssd_module)
     B, T, H, P, G, N = 1, 5, 2, 2, 1, 3
     args = (torch.randn(B, T, H, P), torch.rand(B, T, H), -torch.rand(H), torch.randn(B, T, G, N))
     args += (torch.randn(B, T, G, N),)
@@ -154,13 +158,7 @@ def test_ssd_dispatch_excludes_mamba_ssm_for_documents_with_a_state(fake_gpu, mo
 def test_conv_dispatch_keeps_states_off_the_triton_conv(fake_gpu, monkeypatch):
     from braid.kernels.ssd import conv as conv_module
 
-    seen = []
-
-    def fake_pick(op, *tensors, unsupported=()):
-        seen.append(tuple(unsupported))
-        return "reference"
-
-    monkeypatch.setattr(conv_module, "pick", fake_pick)
+    seen = record_unsupported(monkeypatch, conv_module)
     x, weight = torch.randn(1, 5, 3), torch.randn(3, 4)
     conv_module.causal_conv1d(x, weight)
     conv_module.causal_conv1d(x, weight, initial_state_BCK=torch.zeros(1, 3, 3))
@@ -563,14 +561,7 @@ def check_interpreted_norm_kernels() -> None:
 
 
 def test_triton_norm_kernels_match_the_reference_interpreted():
-    root = Path(__file__).resolve().parents[2]
-    child = "from tests.kernels.test_dispatch import check_interpreted_norm_kernels; check_interpreted_norm_kernels()"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-c", child], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok ") == 2 * len(NORM_CASES), result.stdout
+    run_interpreted("tests.kernels.test_dispatch:check_interpreted_norm_kernels", 2 * len(NORM_CASES), timeout=300)
 
 
 def test_backend_probe_runs_outside_torch_compile(monkeypatch):

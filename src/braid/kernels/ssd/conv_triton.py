@@ -53,9 +53,9 @@ def _pre_activation(X, W, BIAS, DOC, row_x, row_doc, t, doc_t, cols, col_ok, T, 
 
 
 @triton.jit
-def _conv_fwd_kernel(X, W, BIAS, DOC, Y, T, C, stride_xb, stride_xt, stride_db, stride_dt,
-                     K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr):
+def _tile(DOC, T, C, stride_db, stride_dt, BT: tl.constexpr, BC: tl.constexpr, HAS_DOC: tl.constexpr):
+    """This program's row b, its BT time steps and BC channels, their in-range masks, and the
+    steps' doc ids (the steps themselves without documents, never compared then)."""
     b = tl.program_id(2).to(tl.int64)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -63,6 +63,14 @@ def _conv_fwd_kernel(X, W, BIAS, DOC, Y, T, C, stride_xb, stride_xt, stride_db, 
     doc_t = t
     if HAS_DOC:
         doc_t = tl.load(DOC + b * stride_db + t * stride_dt, mask=t_ok, other=0)
+    return b, t, cols, t_ok, col_ok, doc_t
+
+
+@triton.jit
+def _conv_fwd_kernel(X, W, BIAS, DOC, Y, T, C, stride_xb, stride_xt, stride_db, stride_dt,
+                     K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr):
+    b, t, cols, t_ok, col_ok, doc_t = _tile(DOC, T, C, stride_db, stride_dt, BT, BC, HAS_DOC)
     pre = _pre_activation(X, W, BIAS, DOC, b * stride_xb, b * stride_db, t, doc_t, cols, col_ok, T, stride_xt,
                           stride_dt, K, BT, BC, HAS_BIAS, HAS_DOC)
     y = pre * tl.sigmoid(pre) if SILU else pre
@@ -75,13 +83,7 @@ def _conv_bwd_kernel(X, W, BIAS, DOC, DY, DX, DW_PARTIAL, DB_PARTIAL, T, C, stri
                      stride_dt, stride_yb, stride_yt,
                      K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr):
-    b = tl.program_id(2).to(tl.int64)
-    s = tl.program_id(0) * BT + tl.arange(0, BT)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    s_ok, col_ok = s < T, cols < C
-    doc_s = s
-    if HAS_DOC:
-        doc_s = tl.load(DOC + b * stride_db + s * stride_dt, mask=s_ok, other=0)
+    b, s, cols, s_ok, col_ok, doc_s = _tile(DOC, T, C, stride_db, stride_dt, BT, BC, HAS_DOC)
     dx = tl.zeros((BT, BC), dtype=tl.float32)
     for j in tl.static_range(K):  # output t = s + j reads x_s through tap K-1-j
         t = s + j
