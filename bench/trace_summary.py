@@ -18,12 +18,15 @@ import re
 from collections import defaultdict
 
 KINDS = (  # (kind, pattern on the kernel name), first match wins
+    # before matmul: cuDNN's flash kernels are named ..._sdpa_..._wgmma_...
+    ("attention", r"fmha|flash|attn|sdpa|cudnn::fusion"),
     ("matmul", r"gemm|nvjet|cutlass|sm90_xmma|wgmma|_grouped_mm|cublas"),
-    ("attention", r"fmha|flash|attn|cudnn|sdpa"),
+    # torch.compile's generated kernels (pointwise, reductions, templates): named by what they fuse
+    ("inductor", r"^triton_(poi|per|red|tem)_"),
     ("copy/cast", r"copy|Memcpy|cast|convert"),
     ("reduce", r"reduce|sum_|norm|softmax"),
     ("optimizer", r"adam|multi_tensor"),
-    ("triton", r"^triton|_kernel$"),
+    ("triton", r"^triton|_kernel$"),  # libraries' Triton kernels (fla, mamba_ssm, liger, braid's)
     ("elementwise", r"elementwise|vectorized|unrolled"),
 )
 

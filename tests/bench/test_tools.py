@@ -98,3 +98,18 @@ def test_blocks_script_finds_one_sublayer_per_kind():
                       "ffn:matformer": 2, "mixer:attention": 1, "mixer:sliding32": 1}
     norm, module, _ = found["ffn:moe"]
     assert module is model.layers["1"].ffn and norm is model.layers["1"].ffn_norm
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64", "attention"),
+    ("void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*)", "attention"),
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+    ("_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9x", "matmul"),
+    ("triton_poi_fused__to_copy_mul_silu_silu_backward_2", "inductor"),
+    ("triton_red_fused__log_softmax__to_copy_prepare_softmax_online_2", "inductor"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda>", "copy/cast"),
+    ("_chunk_scan_chunk_state_bwd_dx_kernel", "triton"),
+    ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+])
+def test_trace_summary_kernel_kinds(name, kind):
+    assert load_script("trace_summary").kind_of(name) == kind
