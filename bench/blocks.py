@@ -7,8 +7,10 @@ distinct mixer kind (Mamba-2, GLA, sliding window, full attention) and FFN kind 
 MatFormer) of the config, the first such layer runs norm + sublayer, forward and backward
 (bf16 autocast over fp32 weights, per-sublayer torch.compile unless `--eager`), captured in
 a CUDA graph and replayed, so the time is the GPU's (no launch gaps). Each row gives the ms
-of one sublayer, how many the config has, their total, and the sublayer's top kernels
-(summed by name, with counts) from a profiled replay. The totals add up to the model's
+of one sublayer, how many the config has, their total, its TFLOP/s by braid.model.flops'
+count (matmuls plus the mixer's sequence work, as MFU counts them) and the share of the
+989 TFLOP/s peak, and the sublayer's top kernels (summed by name, with counts) from a
+profiled replay. The totals add up to the model's
 blocks; embedding, head, loss and optimizer are not included.
 """
 
@@ -23,11 +25,13 @@ import triton
 
 from braid.kernels.backend import probe_all, use_backends
 from braid.model import build_model
-from throughput import resolve_config  # bench/throughput.py: named and benchmark configs
+from braid.model.flops import layer_flops
+from braid.model.pattern import LayerSpec
+from throughput import PEAK_BF16_FLOPS, resolve_config  # bench/throughput.py: configs, the MFU peak
 
 
-def sublayers(model) -> dict[str, tuple[torch.nn.Module, torch.nn.Module, int]]:
-    """{"mixer:KIND" or "ffn:KIND": (norm, module, count)} for the first layer of each kind."""
+def sublayers(model) -> dict[str, tuple[LayerSpec, torch.nn.Module, torch.nn.Module, int]]:
+    """{"mixer:KIND" or "ffn:KIND": (spec, norm, module, count)} for the first layer of each kind."""
     found: dict[str, list] = {}
     for block in model.layers.values():
         spec = block.spec
@@ -36,8 +40,8 @@ def sublayers(model) -> dict[str, tuple[torch.nn.Module, torch.nn.Module, int]]:
                 continue
             key = f"{part}:{kind}" + (f"{spec.window}" if kind == "sliding" and spec.window else "")
             if key not in found:
-                found[key] = [getattr(block, f"{part}_norm"), getattr(block, part), 0]
-            found[key][2] += 1
+                found[key] = [spec, getattr(block, f"{part}_norm"), getattr(block, part), 0]
+            found[key][3] += 1
     return {k: tuple(v) for k, v in found.items()}
 
 
@@ -116,14 +120,18 @@ def main(argv=None) -> None:
     total = 0.0
     table = []
     with use_backends(args.kernels):
-        for kind, (norm, module, count) in sublayers(model).items():
+        for kind, (spec, norm, module, count) in sublayers(model).items():
             if args.only and kind not in args.only.split(","):
                 continue
             x_BTD = torch.randn(args.batch_size, args.seq_len, cfg.d_model, device="cuda", requires_grad=True)
             graph = graphed_fwd_bwd(kind, norm, module, x_BTD, not args.eager)
             ms = triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median")
             total += ms * count
-            table.append(f"{kind:20s} {ms:8.3f} ms  x{count:<3d} {ms * count:8.2f} ms")
+            # braid.model.flops' count: forward FLOPs per token, x3 for forward + backward
+            flops = 3 * layer_flops(cfg, spec, args.seq_len)[kind.split(":")[0]] * args.batch_size * args.seq_len
+            tflops = flops / ms / 1e9
+            table.append(f"{kind:20s} {ms:8.3f} ms  x{count:<3d} {ms * count:8.2f} ms  {tflops:6.1f} TFLOP/s"
+                         f"  {100e12 * tflops / PEAK_BF16_FLOPS:5.1f}% of peak")
             print(f"\n## {kind}: {ms:.3f} ms fwd+bwd, {count} in the model", flush=True)
             for name, n, k_ms in top_kernels(graph, args.rows):
                 print(f"  {k_ms:7.3f} ms  x{n:<4d} {name[:110]}")

@@ -92,12 +92,12 @@ def test_blocks_script_finds_one_sublayer_per_kind():
 
     model = build_model(tiny_hybrid(), device="cpu", seed=0)
     found = blocks.sublayers(model)
-    counts = {kind: count for kind, (_, _, count) in found.items()}
+    counts = {kind: count for kind, (_, _, _, count) in found.items()}
     # tiny-hybrid: "M- S64E GF A- M- S32F"; each sliding window size is its own kind
     assert counts == {"mixer:mamba2": 2, "ffn:mlp": 3, "mixer:sliding64": 1, "ffn:moe": 1, "mixer:gla": 1,
                       "ffn:matformer": 2, "mixer:attention": 1, "mixer:sliding32": 1}
-    norm, module, _ = found["ffn:moe"]
-    assert module is model.layers["1"].ffn and norm is model.layers["1"].ffn_norm
+    spec, norm, module, _ = found["ffn:moe"]
+    assert module is model.layers["1"].ffn and norm is model.layers["1"].ffn_norm and spec.index == 1
 
 
 @pytest.mark.parametrize("name, kind", [
