@@ -70,13 +70,7 @@ stage() {  # stage NAME LIMIT_S LOG COMMAND...
 {
     nvidia-smi -L
     python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
-    python3 - <<'PY'
-from braid.kernels.backend import FAST_BACKENDS, unavailable_reason
-
-for op, backends in FAST_BACKENDS.items():
-    for backend in backends:
-        print(f"{op:14s} {backend:11s} {unavailable_reason(op, backend) or 'available'}")
-PY
+    python3 -m braid.cli kernels
 } >"$OUT/env.log" 2>&1
 
 for name in $STAGES; do

@@ -108,6 +108,18 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    import torch
+
+    from braid.kernels import backend
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    with backend.use_backends(args.spec or backend.current_spec()):
+        print(f"BRAID_KERNELS={backend.current_spec()}  ({device})")
+        print("\n".join(backend.report()))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from braid.train.demo import run_demo
 
@@ -157,6 +169,9 @@ def _add_small(sub) -> None:
     p.set_defaults(func=cmd_plot)
     p = sub.add_parser("configs", help="list the named training configs")
     p.set_defaults(func=cmd_configs)
+    p = sub.add_parser("kernels", help="which kernel backend each op runs here, and why the others do not")
+    p.add_argument("--spec", default=None, help="a BRAID_KERNELS value to evaluate instead of the current one")
+    p.set_defaults(func=cmd_kernels)
     p = sub.add_parser("demo", help="Gutenberg → tokenizer → shards → tiny-hybrid on CPU, in minutes")
     p.add_argument("--out", default="runs/demo", help="run dir (default runs/demo)")
     p.add_argument("--data", default="data/gutenberg", help="data dir, created if missing")

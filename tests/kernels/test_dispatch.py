@@ -110,6 +110,20 @@ def test_opt_in_backends_run_only_when_named(fake_gpu):
         assert pick("conv", t) == "triton"
 
 
+def test_report_says_what_runs_and_why_the_others_do_not(fake_gpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    reasons = {"flash_attn": "ModuleNotFoundError"}
+    monkeypatch.setattr(backend, "unavailable_reason", lambda op, name: reasons.get(name))
+    rows = {row.split()[0]: row for row in backend.report()}
+    assert list(rows) == list(backend.FAST_BACKENDS)
+    assert rows["ssd"].startswith("ssd            runs fla ")
+    assert " runs fla " in rows["conv"] and "triton (available, opt-in)" in rows["conv"]
+    assert "flash_attn (unavailable: ModuleNotFoundError)" in rows["attention"]
+    with use_backends("reference,conv=triton"):
+        rows = {row.split()[0]: row for row in backend.report()}
+    assert " runs triton " in rows["conv"] and " runs reference " in rows["ssd"]
+
+
 def test_forced_backends_fall_back_when_missing_or_unsupported(fake_gpu):
     t = torch.zeros(1)
     with use_backends("attention=flash_attn"):

@@ -241,10 +241,15 @@ def pick(
     `unsupported` names fast backends that cannot run this particular call; `order` replaces
     the op's preference list under auto for a kind of call that another backend serves best.
     """
-    choice = _settings.get(op, _default[0])
-    if choice == REFERENCE or not _plain_cuda(tensors):
+    if not _plain_cuda(tensors) or (op in FUSED_BY_COMPILE and torch.compiler.is_compiling()):
         return REFERENCE
-    if op in FUSED_BY_COMPILE and torch.compiler.is_compiling():
+    return _choose(op, unsupported, order)
+
+
+def _choose(op: str, unsupported: Iterable[str] = (), order: tuple[str, ...] | None = None) -> str:
+    """The configured choice for `op` among the backends that import here and are not excluded."""
+    choice = _settings.get(op, _default[0])
+    if choice == REFERENCE:
         return REFERENCE
     excluded = set(unsupported)
     if choice == AUTO:
@@ -254,6 +259,22 @@ def pick(
         if backend not in excluded and available(op, backend):
             return backend
     return REFERENCE
+
+
+def report() -> list[str]:
+    """One line per op: what the current choice runs for a plain CUDA call on this machine (a
+    kind of call a backend does not support still falls back), then each fast backend's status."""
+    cuda = torch.cuda.is_available()
+    lines = []
+    for op, backends in FAST_BACKENDS.items():
+        statuses = []
+        for name in backends:
+            reason = unavailable_reason(op, name)
+            status = "available" if reason is None else f"unavailable: {reason}"
+            statuses.append(f"{name} ({status}{', opt-in' if (op, name) in OPT_IN else ''})")
+        runs = _choose(op) if cuda else "reference (no CUDA device)"
+        lines.append(f"{op:14s} runs {runs:12s} | {'; '.join(statuses)}")
+    return lines
 
 
 configure(os.environ.get("BRAID_KERNELS", AUTO))
