@@ -308,10 +308,15 @@ def test_ssd_step(dtype):
     assert_rel_close(new_state, new_state_ref, _tol(dtype), "state")
 
 
-@pytest.mark.parametrize("dtype, T, docs, with_state", SEQ_CASES, ids=SEQ_IDS)
-def test_causal_conv1d(dtype, T, docs, with_state):
-    require("conv", "fla")
-    B, C, K = 2, 2048, 4
+# fla's conv with every case; braid's own (conv_triton) runs sequences without states only.
+CONV_CASES = [("fla", *case) for case in SEQ_CASES] + [("triton", *case) for case in SEQ_CASES if not case[3]]
+CONV_IDS = [f"fla_{i}" for i in SEQ_IDS] + [f"triton_{i}" for i, case in zip(SEQ_IDS, SEQ_CASES) if not case[3]]
+
+
+@pytest.mark.parametrize("backend, dtype, T, docs, with_state", CONV_CASES, ids=CONV_IDS)
+def test_causal_conv1d(backend, dtype, T, docs, with_state):
+    require("conv", backend)
+    B, C, K = 2, 2304, 4  # Mamba-2's fused x/B/C width in hybrid-374m
     gen = torch.Generator(device="cuda").manual_seed(0)
     leaves = dict(
         x_BTC=torch.randn(B, T, C, generator=gen, device="cuda").to(dtype),
@@ -319,28 +324,10 @@ def test_causal_conv1d(dtype, T, docs, with_state):
         bias_C=torch.randn(C, generator=gen, device="cuda"),
         initial_state_BCK=torch.randn(B, C, K - 1, generator=gen, device="cuda").to(dtype) if with_state else None,
     )
-    kwargs = dict(doc_ids_BT=doc_ids_for(B, T) if docs else None, activation="silu", return_final_state=True)
-    with use_backends("conv=fla"):
-        assert pick("conv", *leaves.values()) == "fla"
-        fast = run_with_grads(lambda **kw: causal_conv1d(**kw, **kwargs), leaves)
-    ref = run_with_grads(lambda **kw: causal_conv1d_reference(**kw, **kwargs), leaves)
-    assert_parity(fast, ref, _tol(dtype, exact_fp32=True))
-
-
-@pytest.mark.parametrize("dtype, T, docs", [(d, T, docs) for d, T, docs, state in SEQ_CASES if not state])
-def test_causal_conv1d_triton(dtype, T, docs):
-    """braid's own conv kernels (braid.kernels.ssd.conv_triton; sequences without states)."""
-    require("conv", "triton")
-    B, C, K = 2, 2304, 4  # Mamba-2's fused x/B/C width in hybrid-374m
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    leaves = dict(
-        x_BTC=torch.randn(B, T, C, generator=gen, device="cuda").to(dtype),
-        weight_CK=torch.randn(C, K, generator=gen, device="cuda") * 0.5,
-        bias_C=torch.randn(C, generator=gen, device="cuda"),
-    )
-    kwargs = dict(doc_ids_BT=doc_ids_for(B, T) if docs else None, activation="silu")
-    with use_backends("conv=triton"):
-        assert pick("conv", *leaves.values()) == "triton"
+    kwargs = dict(doc_ids_BT=doc_ids_for(B, T) if docs else None, activation="silu",
+                  return_final_state=backend == "fla")
+    with use_backends(f"conv={backend}"):
+        assert pick("conv", *leaves.values()) == backend
         fast = run_with_grads(lambda **kw: causal_conv1d(**kw, **kwargs), leaves)
     ref = run_with_grads(lambda **kw: causal_conv1d_reference(**kw, **kwargs), leaves)
     assert_parity(fast, ref, _tol(dtype, exact_fp32=True))

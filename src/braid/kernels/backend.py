@@ -127,7 +127,7 @@ _loaded: dict[str, object] = {}  # module name -> the imported braid wrapper mod
 
 def _probe(module: str) -> str | None:
     try:
-        _loaded[module] = importlib.import_module(module)
+        _import(module)
     except ImportError as error:
         return f"{type(error).__name__}: {error}"
     return None

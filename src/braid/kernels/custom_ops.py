@@ -6,7 +6,8 @@ forward op and a backward op over the library's own forward and backward functio
 with a fake kernel giving its outputs' shapes and dtypes, and `register_autograd` wiring
 the backward op to the forward one. The real kernels cast and make contiguous what they
 return, so the fakes hold exactly; an optional input that is absent gets an empty tensor as
-its gradient placeholder (`optional_grad`), since ops return tensors only.
+its gradient placeholder (`optional_grad`), since ops return tensors only, and the autograd
+function turns it back into None (`drop_placeholder`).
 """
 
 from __future__ import annotations
@@ -29,3 +30,8 @@ def optional_grad(grad: Tensor | None, like: Tensor | None, anchor: Tensor) -> T
 def optional_fake(like: Tensor | None, anchor: Tensor) -> Tensor:
     """optional_grad's fake: an empty tensor of `like`'s shape and dtype, or the empty placeholder."""
     return anchor.new_empty(0) if like is None else like.new_empty(like.shape)
+
+
+def drop_placeholder(grad: Tensor, like: Tensor | None) -> Tensor | None:
+    """What autograd takes for an optional input: its gradient, or None where it was absent."""
+    return None if like is None else grad

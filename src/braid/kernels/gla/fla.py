@@ -20,7 +20,7 @@ from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd
 from fla.ops.utils import prepare_chunk_indices
 from torch import Tensor
 
-from braid.kernels.custom_ops import cuda_op, optional_fake, optional_grad
+from braid.kernels.custom_ops import cuda_op, drop_placeholder, optional_fake, optional_grad
 from braid.kernels.gla.packed import gla_step_via_recurrent, gla_via_packed
 
 # Opaque to torch.compile (a graph break), as braid.kernels.ssd.fla's kernels; decoding only.
@@ -102,7 +102,7 @@ def _gla_grads(ctx, do, dfinal, _dA):
         do, dfinal if ctx.output_final_state else None, q, k, v, g, ctx.scale, initial_state, A, cu_seqlens,
         cu_seqlens_cpu,
     )
-    return dq, dk, dv, dg, None, dinitial if initial_state is not None else None, None, None, None
+    return dq, dk, dv, dg, None, drop_placeholder(dinitial, initial_state), None, None, None
 
 
 _chunk_gla.register_autograd(_gla_grads, setup_context=_gla_setup)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from braid.kernels.custom_ops import cuda_op
+from braid.kernels.custom_ops import cuda_op, drop_placeholder, optional_fake, optional_grad
 
 BLOCK_T = 32
 BLOCK_C = 128
@@ -189,13 +189,12 @@ def _(x, weight, bias, doc_ids, silu):
 )
 def _conv_backward(dy, x, weight, bias, doc_ids, silu):
     dx, dw, db = conv_backward(dy, x, weight, bias, doc_ids, silu)
-    return dx, dw, x.new_empty(0) if db is None else db
+    return dx, dw, optional_grad(db, bias, x)
 
 
 @_conv_backward.register_fake
 def _(dy, x, weight, bias, doc_ids, silu):
-    db = x.new_empty(0) if bias is None else bias.new_empty(bias.shape)
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), db
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), optional_fake(bias, x)
 
 
 def _setup(ctx, inputs, output):
@@ -207,7 +206,7 @@ def _setup(ctx, inputs, output):
 def _grads(ctx, dy):
     x, weight, bias, doc_ids = ctx.saved_tensors
     dx, dw, db = torch.ops.braid.causal_conv1d_backward(dy, x, weight, bias, doc_ids, ctx.silu)
-    return dx, dw, db if bias is not None else None, None, None
+    return dx, dw, drop_placeholder(db, bias), None, None
 
 
 _conv.register_autograd(_grads, setup_context=_setup)

@@ -19,7 +19,7 @@ from fla.modules.causal_conv1d.ops import causal_conv1d_bwd, causal_conv1d_fwd
 from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 from torch import Tensor
 
-from braid.kernels.custom_ops import cuda_op, optional_fake, optional_grad
+from braid.kernels.custom_ops import cuda_op, drop_placeholder, optional_fake, optional_grad
 from braid.kernels.ssd.packed import causal_conv1d_via_packed, ssd_step_via_simple_gla, ssd_via_simple_gla
 
 # Opaque to torch.compile (graph breaks): dynamo tracing fla's Python fails in a fresh process
@@ -84,8 +84,7 @@ def _conv_grads(ctx, dy, dfinal):
         dy, dfinal if ctx.output_final_state else None, x, weight, bias, initial_state, ctx.activation,
         cu_seqlens, cu_seqlens_cpu,
     )
-    return (dx, dw, db if bias is not None else None, dinitial if initial_state is not None else None,
-            None, None, None, None)
+    return dx, dw, drop_placeholder(db, bias), drop_placeholder(dinitial, initial_state), None, None, None, None
 
 
 _conv.register_autograd(_conv_grads, setup_context=_conv_setup)

@@ -23,7 +23,7 @@ import types
 import torch
 from torch import Tensor
 
-from braid.kernels.custom_ops import cuda_op, optional_fake, optional_grad
+from braid.kernels.custom_ops import cuda_op, drop_placeholder, optional_fake, optional_grad
 from braid.kernels.varlen import segment_index_BT
 
 SSD_COMBINED = "mamba_ssm.ops.triton.ssd_combined"
@@ -104,8 +104,7 @@ def _backward(ctx, dout, dfinal_states):
     dx, ddt, dA, dB, dC, dD, dinitial = torch.ops.braid.mamba_ssd_backward(
         dout, dfinal_states, x, dt, A, B, C, out, D, initial_states, seq_idx, ctx.chunk_size
     )
-    dD, dinitial = (grad if like is not None else None for grad, like in ((dD, D), (dinitial, initial_states)))
-    return dx, ddt, dA, dB, dC, dD, dinitial, None, None
+    return dx, ddt, dA, dB, dC, drop_placeholder(dD, D), drop_placeholder(dinitial, initial_states), None, None
 
 
 _mamba_ssd.register_autograd(_backward, setup_context=_setup_context)
