@@ -1,4 +1,4 @@
-"""The fast backends' custom ops, checked on the CPU through their fake kernels: schema,
+"""The fast backends' custom ops (mamba_ssm, fla and braid's conv), checked on the CPU through their fake kernels: schema,
 output shapes and dtypes, and the autograd wiring (forward op -> backward op -> gradients
 for exactly the inputs that need them). Their numbers are the GPU tests' (tests/gpu).
 
@@ -127,4 +127,19 @@ def test_fla_chunk_gla_op_shapes_and_gradients(with_state):
         assert (o.shape, o.dtype, final.shape, final.dtype) == (v.shape, BF16, (2, 4, 16, 32), torch.float32)
         wrt = [t for t in (q, k, v, g, state) if t is not None]
         for grad, leaf in zip(torch.autograd.grad(o.float().sum() + final.sum(), wrt), wrt):
+            assert (grad.shape, grad.dtype) == (leaf.shape, leaf.dtype)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_triton_conv_op_shapes_and_gradients(with_bias):
+    from braid.kernels.ssd.conv_triton import causal_conv1d_triton
+
+    with FakeTensorMode():
+        x = torch.empty(2, 40, 24, dtype=BF16, requires_grad=True)
+        weight = torch.empty(24, 4, requires_grad=True)
+        bias = torch.empty(24, requires_grad=True) if with_bias else None
+        y = causal_conv1d_triton(x, weight, bias, doc_ids_BT=torch.zeros(2, 40, dtype=torch.int64))
+        assert (y.shape, y.dtype) == (x.shape, BF16)
+        wrt = [t for t in (x, weight, bias) if t is not None]
+        for grad, leaf in zip(torch.autograd.grad(y.float().sum(), wrt), wrt):
             assert (grad.shape, grad.dtype) == (leaf.shape, leaf.dtype)
