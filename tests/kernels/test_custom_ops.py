@@ -1,6 +1,6 @@
-"""The fast backends' custom ops (mamba_ssm, fla and braid's conv), checked on the CPU through their fake kernels: schema,
-output shapes and dtypes, and the autograd wiring (forward op -> backward op -> gradients
-for exactly the inputs that need them). Their numbers are the GPU tests' (tests/gpu).
+"""The fast backends' custom ops (mamba_ssm, fla and braid's conv), checked on the CPU
+through their fake kernels: schema, output shapes and dtypes, and the autograd wiring
+(forward op -> backward op -> gradients for exactly the inputs that need them). Their numbers are the GPU tests' (tests/gpu).
 
 The backends' packages are not installed here, so each test puts a stand-in for the
 package's module in sys.modules before importing the braid wrapper (the ops never run a
