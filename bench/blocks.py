@@ -101,6 +101,8 @@ def top_kernels(graph, rows: int) -> list[tuple[str, int, float]]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="hybrid-374m")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. mamba2.chunk_size=256; repeatable")
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--kernels", default="auto", help="BRAID_KERNELS spec for the run")
@@ -112,7 +114,7 @@ def main(argv=None) -> None:
         raise SystemExit("bench/blocks.py needs a CUDA device")
     torch.manual_seed(0)
     probe_all()
-    cfg = resolve_config(args.config, args.seq_len)
+    cfg = resolve_config(args.config, args.seq_len, args.set)
     model = build_model(cfg, device="cuda", seed=0).train()
     print(f"# {torch.cuda.get_device_name()}, {args.config} B{args.batch_size} T{args.seq_len}, "
           f"kernels {args.kernels}, {'eager' if args.eager else 'compiled per sublayer'}; command: "

@@ -54,6 +54,7 @@ from braid.configs.bench import BENCH_CONFIGS
 from braid.kernels.backend import current_spec, probe_all, use_backends
 from braid.kernels.cross_entropy import linear_cross_entropy
 from braid.model import ModelConfig, build_model, flops_per_token, num_params
+from braid.train.config import apply_overrides
 from braid.train.cuda_graph import GraphedStep
 
 PEAK_BF16_FLOPS = 989e12
@@ -100,12 +101,13 @@ class Run:
         }
 
 
-def resolve_config(name: str, seq_len: int) -> ModelConfig:
-    """A named config (MODEL_CONFIGS or the benchmark configs) with a context of at least seq_len."""
+def resolve_config(name: str, seq_len: int, overrides: list[str] | None = None) -> ModelConfig:
+    """A named config (MODEL_CONFIGS or the benchmark configs) with `dotted.key=value` overrides
+    (e.g. mamba2.chunk_size=256) and a context of at least seq_len."""
     configs = {**BENCH_CONFIGS, **MODEL_CONFIGS}
     if name not in configs:
         raise ValueError(f"unknown config {name!r}; known: {', '.join(sorted(configs))}")
-    cfg = configs[name]()
+    cfg = apply_overrides(configs[name](), overrides or [])
     return cfg.replace(max_seq_len=max(cfg.max_seq_len, seq_len))
 
 
@@ -162,7 +164,7 @@ def apply_compile(model, mode: str, inductor_mode: str | None = None):
 
 
 def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
-    cfg = resolve_config(args.config, args.seq_len)
+    cfg = resolve_config(args.config, args.seq_len, args.set)
     probe_all()  # import the kernel backends before dynamo traces the calls into them
     graphed = compile_mode.endswith("graph")
     base_mode = {"graph": "none", "block-graph": "block", "step-graph": "step"}.get(compile_mode, compile_mode)
@@ -219,7 +221,7 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
     if args.sync_debug and not graphed:
         print_syncs(step)
     return Run(
-        name=f"braid {args.config} compile={compile_mode}" + ("" if current_spec() == "auto" else f" [{current_spec()}]"),
+        name=f"braid {args.config}{''.join(f' {o}' for o in args.set)} compile={compile_mode}" + ("" if current_spec() == "auto" else f" [{current_spec()}]"),
         step_seconds=seconds,
         tokens_per_step=args.batch_size * args.seq_len,
         flops_per_token=flops_per_token(cfg, args.seq_len),
@@ -339,6 +341,8 @@ def release_memory() -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="llama-374m", help="braid model config (MODEL_CONFIGS or hybrid-374m)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override of the braid config (not the baseline's), e.g. mamba2.chunk_size=256; repeatable")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -381,7 +385,7 @@ def main(argv=None) -> None:
     if args.braid:
         jobs += [("braid", lambda mode=mode: run_braid(args, mode)) for mode in args.compile]
     if args.baseline:
-        baseline_args = argparse.Namespace(**{**vars(args), "config": args.baseline, "trace": None})
+        baseline_args = argparse.Namespace(**{**vars(args), "config": args.baseline, "set": [], "trace": None})
         jobs += [
             ("baseline", lambda mode=mode: run_braid(baseline_args, mode))
             for mode in (args.baseline_compile or args.compile)

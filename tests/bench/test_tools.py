@@ -113,3 +113,14 @@ def test_blocks_script_finds_one_sublayer_per_kind():
 ])
 def test_trace_summary_kernel_kinds(name, kind):
     assert load_script("trace_summary").kind_of(name) == kind
+
+
+def test_throughput_config_overrides_apply_to_the_model_config_and_reject_unknown_keys():
+    throughput = load_script("throughput")
+    cfg = throughput.resolve_config("hybrid-374m", 16384, ["mamba2.chunk_size=256", "gla.num_heads=4"])
+    assert cfg.mamba2.chunk_size == 256 and cfg.gla.num_heads == 4 and cfg.max_seq_len == 16384
+    assert throughput.resolve_config("hybrid-374m", 8192).mamba2.chunk_size == 128
+    with pytest.raises(ValueError, match="unknown key 'chunk' in config.mamba2; valid keys: d_state"):
+        throughput.resolve_config("hybrid-374m", 8192, ["mamba2.chunk=256"])
+    args = throughput.parse_args(["--set", "mamba2.chunk_size=256", "--set", "moe.top_k=1"])
+    assert args.set == ["mamba2.chunk_size=256", "moe.top_k=1"]

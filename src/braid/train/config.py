@@ -353,15 +353,17 @@ def _set_dotted(cls: type, data: dict, keys: list[str], raw: str, where: str) ->
     data[key] = config_to_dict(_coerce(value, hint, raw, f"{where}.{key}"))
 
 
-def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """A new config with `dotted.key=value` overrides applied (values typed as YAML scalars)."""
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """A new config (TrainConfig, ModelConfig or any config dataclass) with `dotted.key=value`
+    overrides applied (values typed as YAML scalars)."""
+    cls = type(cfg)
     data = config_to_dict(cfg)
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {override!r} is not of the form dotted.key=value (e.g. optim.lr=1e-3)")
-        _set_dotted(TrainConfig, data, key.strip().split("."), raw, "config")
-    return config_from_dict(TrainConfig, data)
+        _set_dotted(cls, data, key.strip().split("."), raw, "config")
+    return config_from_dict(cls, data)
 
 
 class _Dumper(yaml.SafeDumper):
