@@ -102,7 +102,16 @@ def test_pick_follows_preference_and_unsupported(fake_gpu):
     assert pick("ssd", t, unsupported=["fla", "mamba_ssm"]) == "reference"
 
 
-def test_opt_in_backends_run_only_when_named(fake_gpu):
+def test_conv_prefers_braids_kernel_and_fla_takes_states(fake_gpu):
+    t = torch.zeros(1)
+    assert pick("conv", t) == "triton"
+    assert pick("conv", t, unsupported=["triton"]) == "fla"  # calls with conv states
+    with use_backends("conv=fla"):
+        assert pick("conv", t) == "fla"
+
+
+def test_opt_in_backends_run_only_when_named(fake_gpu, monkeypatch):
+    monkeypatch.setattr(backend, "OPT_IN", frozenset({("conv", "triton")}))
     t = torch.zeros(1)
     assert pick("conv", t) == "fla"
     assert pick("conv", t, unsupported=["fla"]) == "reference"  # triton is opt-in
@@ -117,11 +126,14 @@ def test_report_says_what_runs_and_why_the_others_do_not(fake_gpu, monkeypatch):
     rows = {row.split()[0]: row for row in backend.report()}
     assert list(rows) == list(backend.FAST_BACKENDS)
     assert rows["ssd"].startswith("ssd            runs fla ")
-    assert " runs fla " in rows["conv"] and "triton (available, opt-in)" in rows["conv"]
+    assert " runs triton " in rows["conv"] and "fla (available)" in rows["conv"]
     assert "flash_attn (unavailable: ModuleNotFoundError)" in rows["attention"]
-    with use_backends("reference,conv=triton"):
+    with use_backends("reference,conv=fla"):
         rows = {row.split()[0]: row for row in backend.report()}
-    assert " runs triton " in rows["conv"] and " runs reference " in rows["ssd"]
+    assert " runs fla " in rows["conv"] and " runs reference " in rows["ssd"]
+    monkeypatch.setattr(backend, "OPT_IN", frozenset({("conv", "triton")}))
+    rows = {row.split()[0]: row for row in backend.report()}
+    assert " runs fla " in rows["conv"] and "triton (available, opt-in)" in rows["conv"]
 
 
 def test_forced_backends_fall_back_when_missing_or_unsupported(fake_gpu):

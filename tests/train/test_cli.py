@@ -61,12 +61,12 @@ def test_kernels_lists_every_op_and_rejects_a_bad_spec(capsys):
     from braid.kernels.backend import FAST_BACKENDS, current_spec
 
     before = current_spec()
-    code, out, _ = run(capsys, "kernels", "--spec", "auto,conv=triton")
+    code, out, _ = run(capsys, "kernels", "--spec", "auto,conv=fla")
     assert code == 0
     header, *rows = out.splitlines()
-    assert header.startswith("BRAID_KERNELS=auto,conv=triton")
+    assert header.startswith("BRAID_KERNELS=auto,conv=fla")
     assert [row.split()[0] for row in rows] == list(FAST_BACKENDS)
-    assert "triton (available, opt-in)" in rows[list(FAST_BACKENDS).index("conv")]
+    assert "triton (available)" in rows[list(FAST_BACKENDS).index("conv")]  # braid's own: always installed
     code, _, err = run(capsys, "kernels", "--spec", "conv=cuda_magic")
     assert code == 2 and "has no backend 'cuda_magic'" in err
     assert current_spec() == before  # --spec is evaluated, not kept

@@ -37,7 +37,7 @@ AUTO = "auto"
 FAST_BACKENDS: dict[str, tuple[str, ...]] = {
     "ssd": ("fla", "mamba_ssm"),
     "ssd_step": ("fla",),
-    "conv": ("fla", "triton"),
+    "conv": ("triton", "fla"),  # braid's own: faster in the hybrid (docs/benchmarks.md); fla's for conv states
     "gla": ("fla",),
     "gla_step": ("fla",),
     "attention": ("sdpa", "flash_attn", "cudnn", "flex", "torch_flash"),
@@ -68,9 +68,9 @@ BACKEND_MODULES: dict[tuple[str, str], str] = {
     ("moe", "grouped_mm"): "braid.kernels.moe.grouped_mm",
 }
 FUSED_BY_COMPILE = frozenset({"norm", "gated_norm", "swiglu"})
-# Backends that run only when forced (BRAID_KERNELS="conv=triton"), not under auto: not yet
-# validated and measured on a GPU.
-OPT_IN = frozenset({("conv", "triton")})
+# Backends that run only when forced (e.g. BRAID_KERNELS="conv=triton"), not under auto: a new
+# kernel waits here until its GPU parity test and a benchmark have run. None at present.
+OPT_IN: frozenset[tuple[str, str]] = frozenset()
 
 _settings: dict[str, str] = {}
 _default = [AUTO]

@@ -64,9 +64,9 @@ def causal_conv1d(
     initial_state_BCK: (B, C, K-1), the inputs before x (zeros if None), seen only by the first
     document of each row; activation: "silu" or None.
     Returns y_BTC (x's dtype) and with `return_final_state` the last K-1 inputs (B, C, K-1),
-    those of earlier documents zeroed. On CUDA this runs fla's Triton conv, or braid's own
-    (braid.kernels.ssd.conv_triton, `BRAID_KERNELS=conv=triton`; sequences without states),
-    elsewhere `causal_conv1d_reference`.
+    those of earlier documents zeroed. On CUDA this runs braid's own Triton conv
+    (braid.kernels.ssd.conv_triton) for calls without states and fla's for calls with them
+    (`BRAID_KERNELS=conv=fla` for all), elsewhere `causal_conv1d_reference`.
     """
     _check_conv_inputs(x_BTC, weight_CK, bias_C, doc_ids_BT, initial_state_BCK, activation)
     kwargs = dict(

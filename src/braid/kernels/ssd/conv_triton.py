@@ -4,17 +4,19 @@
 
 A tap reaching before the row or into another document reads zero. One program covers a
 (BLOCK_T time steps x BLOCK_C channels) tile of one row, the channels contiguous.
-The forward computes pre in float32 and stores y in x's dtype. The backward recomputes pre
-where it needs it (no saved activations besides x): dx_s = sum_j w[:, K-1-j] * dpre_{s+j} over
-the taps that reach s from later steps of its own document, with dpre = dy * silu'(pre); each
-program writes its tile's partial weight and bias gradients to its own rows of float32
-buffers, summed afterwards (no atomics: deterministic). Sequences only, without conv states
+The forward computes pre in float32 and stores y in x's dtype. The backward takes two passes
+(no saved activations besides x): the first recomputes pre, stores dpre = dy * silu'(pre) in
+x's dtype and writes its tile's partial weight and bias gradients (from dpre in float32) to
+its own rows of float32 buffers, summed afterwards (no atomics: deterministic); the second
+sums dx_s = sum_j w[:, K-1-j] * dpre_{s+j} over the taps that reach s from later steps of
+its own document. (One pass that recomputed pre for each of the K shifts was 1.7-2x slower
+on an H200.) Sequences only, without conv states
 (the training path; the dispatcher sends calls with states elsewhere).
 
 As a torch op pair (`braid::causal_conv1d`, `braid::causal_conv1d_backward`) with fake
 kernels, so torch.compile keeps it as one node. The kernels also run on CPU tensors under
-TRITON_INTERPRET=1 (the CI parity test). Opt-in (`BRAID_KERNELS=conv=triton`,
-braid.kernels.backend.OPT_IN) until it is validated and measured on a GPU.
+TRITON_INTERPRET=1 (the CI parity test). The default conv on CUDA for calls without states
+(fla's takes those); `BRAID_KERNELS=conv=fla` picks fla's for all.
 
 Legend: B batch, T time, C channels, K taps.
 """
@@ -28,8 +30,10 @@ from torch import Tensor
 
 from braid.kernels.custom_ops import cuda_op, drop_placeholder, optional_fake, optional_grad
 
-BLOCK_T = 32
-BLOCK_C = 128
+# Tile sizes and warps, forward and backward: the fastest of a sweep on an H200 at the
+# hybrid's fused x/B/C conv (B2 T8192 C2304, bf16 x; docs/benchmarks.md, sixth measurement).
+BLOCK_T, BLOCK_C, NUM_WARPS = 32, 128, 4
+BLOCK_T_BWD, BLOCK_C_BWD, NUM_WARPS_BWD = 128, 64, 4
 
 
 @triton.jit
@@ -79,49 +83,58 @@ def _conv_fwd_kernel(X, W, BIAS, DOC, Y, T, C, stride_xb, stride_xt, stride_db, 
 
 
 @triton.jit
-def _conv_bwd_kernel(X, W, BIAS, DOC, DY, DX, DW_PARTIAL, DB_PARTIAL, T, C, stride_xb, stride_xt, stride_db,
-                     stride_dt, stride_yb, stride_yt,
-                     K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr):
+def _dpre_kernel(X, W, BIAS, DOC, DY, DPRE, DW_PARTIAL, DB_PARTIAL, T, C, stride_xb, stride_xt, stride_db,
+                 stride_dt, stride_yb, stride_yt,
+                 K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr):
+    """Backward pass 1: dpre = dy * silu'(pre) of this tile (stored), and the tile's partial
+    weight and bias gradients from dpre in float32."""
+    b, t, cols, t_ok, col_ok, doc_t = _tile(DOC, T, C, stride_db, stride_dt, BT, BC, HAS_DOC)
+    mask = t_ok[:, None] & col_ok[None, :]
+    dy = tl.load(DY + b * stride_yb + t[:, None] * stride_yt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        pre = _pre_activation(X, W, BIAS, DOC, b * stride_xb, b * stride_db, t, doc_t, cols, col_ok, T, stride_xt,
+                              stride_dt, K, BT, BC, HAS_BIAS, HAS_DOC)
+        sig = tl.sigmoid(pre)
+        dpre = dy * sig * (1.0 + pre * (1.0 - sig))
+    else:
+        dpre = dy
+    tl.store(DPRE + (b * T + t[:, None]) * C + cols[None, :], dpre.to(DPRE.dtype.element_ty), mask=mask)
+    program = (b * tl.num_programs(0) + tl.program_id(0)) * C
+    if HAS_BIAS:
+        tl.store(DB_PARTIAL + program + cols, tl.sum(dpre, axis=0), mask=col_ok)
+    for k in tl.static_range(K):
+        src = t - (K - 1) + k
+        tap_ok = (src >= 0) & t_ok
+        if HAS_DOC:
+            tap_ok = tap_ok & (tl.load(DOC + b * stride_db + src * stride_dt, mask=tap_ok, other=-1) == doc_t)
+        x = tl.load(X + b * stride_xb + src[:, None] * stride_xt + cols[None, :],
+                    mask=tap_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        tl.store(DW_PARTIAL + (program + cols) * K + k, tl.sum(dpre * x, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _dx_kernel(DPRE, W, DOC, DX, T, C, stride_db, stride_dt,
+               K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_DOC: tl.constexpr):
+    """Backward pass 2: dx_s = sum_j w[:, K-1-j] * dpre_{s+j} over the steps of s's document."""
     b, s, cols, s_ok, col_ok, doc_s = _tile(DOC, T, C, stride_db, stride_dt, BT, BC, HAS_DOC)
     dx = tl.zeros((BT, BC), dtype=tl.float32)
     for j in tl.static_range(K):  # output t = s + j reads x_s through tap K-1-j
         t = s + j
         ok = t < T
-        doc_t = t
         if HAS_DOC:
-            doc_t = tl.load(DOC + b * stride_db + t * stride_dt, mask=ok, other=-1)
-            ok = ok & (doc_t == doc_s)
-        pre = _pre_activation(X, W, BIAS, DOC, b * stride_xb, b * stride_db, t, doc_t, cols, col_ok, T, stride_xt,
-                              stride_dt, K, BT, BC, HAS_BIAS, HAS_DOC)
-        dy = tl.load(DY + b * stride_yb + t[:, None] * stride_yt + cols[None, :], mask=ok[:, None] & col_ok[None, :],
-                     other=0.0).to(tl.float32)
-        if SILU:
-            sig = tl.sigmoid(pre)
-            dpre = dy * sig * (1.0 + pre * (1.0 - sig))
-        else:
-            dpre = dy
+            ok = ok & (tl.load(DOC + b * stride_db + t * stride_dt, mask=ok, other=-1) == doc_s)
+        dpre = tl.load(DPRE + (b * T + t[:, None]) * C + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                       other=0.0).to(tl.float32)
         w = tl.load(W + cols * K + (K - 1 - j), mask=col_ok, other=0.0).to(tl.float32)
         dx += dpre * w[None, :]
-        if j == 0:  # this tile's own outputs: their weight and bias gradients
-            program = (b * tl.num_programs(0) + tl.program_id(0)) * C
-            if HAS_BIAS:
-                tl.store(DB_PARTIAL + program + cols, tl.sum(dpre, axis=0), mask=col_ok)
-            for k in tl.static_range(K):
-                src = s - (K - 1) + k
-                tap_ok = (src >= 0) & s_ok
-                if HAS_DOC:
-                    tap_ok = tap_ok & (tl.load(DOC + b * stride_db + src * stride_dt, mask=tap_ok, other=-1) == doc_s)
-                x = tl.load(X + b * stride_xb + src[:, None] * stride_xt + cols[None, :],
-                            mask=tap_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-                tl.store(DW_PARTIAL + (program + cols) * K + k, tl.sum(dpre * x, axis=0), mask=col_ok)
     tl.store(DX + (b * T + s[:, None]) * C + cols[None, :], dx.to(DX.dtype.element_ty),
              mask=s_ok[:, None] & col_ok[None, :])
 
 
-def _grid(x_BTC: Tensor) -> tuple[int, int, int]:
+def _grid(x_BTC: Tensor, block_t: int, block_c: int) -> tuple[int, int, int]:
     batch, T, C = x_BTC.shape
-    return triton.cdiv(T, BLOCK_T), triton.cdiv(C, BLOCK_C), batch
+    return triton.cdiv(T, block_t), triton.cdiv(C, block_c), batch
 
 
 def _doc_args(doc_ids_BT: Tensor | None, x_BTC: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -134,38 +147,42 @@ def _channels_contiguous(x_BTC: Tensor) -> Tensor:
 
 
 def conv_forward(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, doc_ids_BT: Tensor | None,
-                 silu: bool) -> Tensor:
+                 silu: bool, block_t: int = BLOCK_T, block_c: int = BLOCK_C, num_warps: int = NUM_WARPS) -> Tensor:
     """y_BTC (x's dtype, contiguous): the kernel's forward."""
     x_BTC = _channels_contiguous(x_BTC)
     weight_CK = weight_CK.contiguous()
     y_BTC = torch.empty(x_BTC.shape, device=x_BTC.device, dtype=x_BTC.dtype)
     doc, doc_strides = _doc_args(doc_ids_BT, x_BTC)
-    _conv_fwd_kernel[_grid(x_BTC)](
+    _conv_fwd_kernel[_grid(x_BTC, block_t, block_c)](
         x_BTC, weight_CK, bias_C if bias_C is not None else weight_CK, doc, y_BTC, x_BTC.shape[1], x_BTC.shape[2],
         x_BTC.stride(0), x_BTC.stride(1), *doc_strides,
-        K=weight_CK.shape[1], BT=BLOCK_T, BC=BLOCK_C, HAS_BIAS=bias_C is not None, HAS_DOC=doc_ids_BT is not None,
-        SILU=silu,
+        K=weight_CK.shape[1], BT=block_t, BC=block_c, HAS_BIAS=bias_C is not None, HAS_DOC=doc_ids_BT is not None,
+        SILU=silu, num_warps=num_warps,
     )
     return y_BTC
 
 
 def conv_backward(dy_BTC: Tensor, x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None,
-                  doc_ids_BT: Tensor | None, silu: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+                  doc_ids_BT: Tensor | None, silu: bool, block_t: int = BLOCK_T_BWD, block_c: int = BLOCK_C_BWD,
+                  num_warps: int = NUM_WARPS_BWD) -> tuple[Tensor, Tensor, Tensor | None]:
     """dx_BTC (x's dtype), dweight_CK and dbias_C (their parameters' dtypes): the kernel's backward."""
     x_BTC, dy_BTC = _channels_contiguous(x_BTC), _channels_contiguous(dy_BTC)
     weight_CK = weight_CK.contiguous()
-    grid = _grid(x_BTC)
+    grid = _grid(x_BTC, block_t, block_c)
     batch, T, C = x_BTC.shape
     K = weight_CK.shape[1]
-    dx_BTC = torch.empty(x_BTC.shape, device=x_BTC.device, dtype=x_BTC.dtype)
+    dpre_BTC = torch.empty(x_BTC.shape, device=x_BTC.device, dtype=x_BTC.dtype)
     dw_PCK = torch.empty(grid[0] * batch, C, K, device=x_BTC.device, dtype=torch.float32)
     db_PC = torch.empty(grid[0] * batch, C, device=x_BTC.device, dtype=torch.float32)
     doc, doc_strides = _doc_args(doc_ids_BT, x_BTC)
-    _conv_bwd_kernel[grid](
-        x_BTC, weight_CK, bias_C if bias_C is not None else weight_CK, doc, dy_BTC, dx_BTC, dw_PCK, db_PC, T, C,
+    blocks = dict(K=K, BT=block_t, BC=block_c, HAS_DOC=doc_ids_BT is not None, num_warps=num_warps)
+    _dpre_kernel[grid](
+        x_BTC, weight_CK, bias_C if bias_C is not None else weight_CK, doc, dy_BTC, dpre_BTC, dw_PCK, db_PC, T, C,
         x_BTC.stride(0), x_BTC.stride(1), *doc_strides, dy_BTC.stride(0), dy_BTC.stride(1),
-        K=K, BT=BLOCK_T, BC=BLOCK_C, HAS_BIAS=bias_C is not None, HAS_DOC=doc_ids_BT is not None, SILU=silu,
+        HAS_BIAS=bias_C is not None, SILU=silu, **blocks,
     )
+    dx_BTC = torch.empty(x_BTC.shape, device=x_BTC.device, dtype=x_BTC.dtype)
+    _dx_kernel[grid](dpre_BTC, weight_CK, doc, dx_BTC, T, C, *doc_strides, **blocks)
     db_C = None if bias_C is None else db_PC.sum(0).to(bias_C.dtype)
     return dx_BTC, dw_PCK.sum(0).to(weight_CK.dtype), db_C
 
