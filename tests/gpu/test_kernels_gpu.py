@@ -195,6 +195,23 @@ def test_whole_model_fast_vs_reference(autocast, docs):
 
 
 @pytest.mark.parametrize("docs", [False, True], ids=["rows", "docs"])
+def test_whole_model_is_causal_on_fast_kernels(docs):
+    """Changing the tokens from position `cut` on leaves every logit before it bit-identical
+    (train mode, bf16 autocast): no fast kernel reads ahead, not even by rounding."""
+    torch.manual_seed(0)
+    cfg, model = build_tiny_hybrid(train=True)
+    B, T, cut = 2, 300, 170
+    tokens_BT = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+    changed_BT = tokens_BT.clone()
+    changed_BT[:, cut:] = torch.randint(0, cfg.vocab_size, (B, T - cut), device="cuda")
+    doc_ids_BT = doc_ids_for(B, T) if docs else None
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, changed = (model(t, doc_ids_BT).float() for t in (tokens_BT, changed_BT))
+    assert torch.equal(logits[:, :cut], changed[:, :cut])
+    assert (logits[:, cut:] - changed[:, cut:]).abs().max() > 0.1  # the change reached the later logits
+
+
+@pytest.mark.parametrize("docs", [False, True], ids=["rows", "docs"])
 def test_blocks_compile_without_graph_breaks(docs):
     """Every block of the tiny hybrid compiles as one graph (the fast kernels are custom ops,
     not graph breaks; with documents only the segment table is computed outside) and trains
