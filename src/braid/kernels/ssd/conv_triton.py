@@ -9,9 +9,9 @@ The forward computes pre in float32 and stores y in x's dtype. The backward take
 x's dtype and writes its tile's partial weight and bias gradients (from dpre in float32) to
 its own rows of float32 buffers, summed afterwards (no atomics: deterministic); the second
 sums dx_s = sum_j w[:, K-1-j] * dpre_{s+j} over the taps that reach s from later steps of
-its own document. (One pass that recomputed pre for each of the K shifts was 1.7-2x slower
-on an H200.) Sequences only, without conv states
-(the training path; the dispatcher sends calls with states elsewhere).
+its own document. (One pass that recomputed pre for each of the K shifts was about 2x
+slower on an H200.) Sequences only, without conv states (the training path; the dispatcher
+sends calls with states elsewhere).
 
 As a torch op pair (`braid::causal_conv1d`, `braid::causal_conv1d_backward`) with fake
 kernels, so torch.compile keeps it as one node. The kernels also run on CPU tensors under
