@@ -27,6 +27,7 @@ from braid.kernels.backend import probe_all, use_backends
 from braid.model import build_model
 from braid.model.flops import layer_flops
 from braid.model.pattern import LayerSpec
+from graphs import cuda_graph  # bench/graphs.py
 from throughput import PEAK_BF16_FLOPS, resolve_config  # bench/throughput.py: configs, the MFU peak
 
 
@@ -69,16 +70,7 @@ def graphed_fwd_bwd(kind: str, norm, module, x_BTD, compile_: bool):
             grads.append(torch.ones_like(aux))
         torch.autograd.grad(outs, [x_BTD, *params], grads)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    return graph
+    return cuda_graph(run)
 
 
 def top_kernels(graph, rows: int) -> list[tuple[str, int, float]]:

@@ -1,11 +1,15 @@
 """Each fast kernel against its reference and the best public alternative, forward + backward,
 on one GPU, at the training shapes of hybrid-374m (batch 2 x 8192 tokens, bf16).
 
-    python bench/kernels.py [--only attention,ssd] [--budget-s 240] [--out kernels.jsonl]
+    python bench/kernels.py [--only attention,ssd] [--budget-s 240] [--out kernels.jsonl] [--graph]
 
 Times are medians of triton.testing.do_bench over forward + backward (torch.autograd.grad of
 every output against fixed cotangents), after one untimed call whose duration is reported
-as `first s` (compilation, fla's autotuning). Matmul-like ops report TFLOP/s from the
+as `first s` (compilation, fla's autotuning). `eager ms` calls the work from the host, which
+for the small memory-bound ops (conv, norms) is mostly launch overhead; with `--graph`, `ms`
+replays it as a CUDA graph (GPU time without launch gaps, what a graphed training step sees;
+bench/blocks.py times whole sublayers that way), else `ms` is the eager time. Entries that
+cannot be captured (a read back to the host) keep their eager time, with a note. Matmul-like ops report TFLOP/s from the
 nominal FLOPs stated beside each op and the % of a bf16 8192^3 matmul measured in the same
 run; memory-bound ops (conv, norms, SwiGLU) report GB/s of their minimal traffic.
 Included: sliding-window (1024) vs full causal attention at T = 8192 (target >= 3x), and
@@ -34,6 +38,7 @@ from braid.kernels.norm import gated_rms_norm, rms_norm
 from braid.kernels.ssd import causal_conv1d, ssd
 from braid.kernels.ssd.conv import causal_conv1d_reference
 from braid.kernels.swiglu import silu_mul
+from graphs import cuda_graph  # bench/graphs.py
 
 B, T = 2, 8192
 BF16 = torch.bfloat16
@@ -44,7 +49,8 @@ class Result:
     op: str
     variant: str
     shape: str
-    ms: float | None = None
+    ms: float | None = None  # CUDA-graph replay; eager where the entry cannot be captured
+    eager_ms: float | None = None
     tflops: float | None = None
     gbs: float | None = None
     pct_ceiling: float | None = None
@@ -77,8 +83,9 @@ class Bench:
     """Runs entries, keeps results (appending each to `out` as it completes), and skips the
     remaining entries once the time budget is spent."""
 
-    def __init__(self, budget_s: float | None, out: str | None):
+    def __init__(self, budget_s: float | None, out: str | None, graph: bool = False):
         self.results: list[Result] = []
+        self.graph = graph
         self.deadline = None if budget_s is None else time.time() + budget_s
         self.ceiling_tflops: float | None = None
         self.out = out
@@ -98,7 +105,8 @@ class Bench:
         else:
             self._run(result, make_run, flops, bytes_moved, backend, force)
         ms = "-" if result.ms is None else f"{result.ms:.3f} ms"
-        print(f"{op:11s} {variant:30s} {ms:>12s}  first {result.first_s} s  {result.note}", flush=True)
+        eager = "" if result.eager_ms is None else f"eager {result.eager_ms:.3f} ms"
+        print(f"{op:11s} {variant:30s} {ms:>12s}  {eager:16s}  first {result.first_s} s  {result.note}", flush=True)
         if self.out:
             with open(self.out, "a") as f:
                 f.write(json.dumps({"card": self.card, "date": self.stamp, **asdict(result)}) + "\n")
@@ -127,7 +135,15 @@ class Bench:
         run()
         torch.cuda.synchronize()
         result.first_s = round(time.time() - started, 1)
-        result.ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+        result.eager_ms = result.ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+        if self.graph:
+            try:
+                graph = cuda_graph(run)
+            except Exception as error:  # e.g. a host read-back inside run: eager time only
+                result.note = f"not graphed ({type(error).__name__}); eager time"
+            else:
+                result.ms = triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+                del graph
         result.peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if flops is not None:
             result.tflops = round(flops / result.ms / 1e9, 1)
@@ -398,12 +414,14 @@ SECTIONS = {
 
 
 def summary(bench: Bench) -> list[str]:
-    header = f"{'op':11s} {'variant':30s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'%mm':>6s} {'GiB':>6s}"
-    lines = [header + f" {'first s':>7s}  note"]
+    header = f"{'op':11s} {'variant':30s} {'ms':>9s} {'eager ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'%mm':>6s}"
+    lines = [header + f" {'GiB':>6s} {'first s':>7s}  note"]
     for r in bench.results:
-        cells = [r.ms and f"{r.ms:.3f}", r.tflops, r.gbs, r.pct_ceiling, r.peak_gib, r.first_s]
-        ms, tf, gb, pct, gib, first = ("-" if c is None else str(c) for c in cells)
-        lines.append(f"{r.op:11s} {r.variant:30s} {ms:>9s} {tf:>8s} {gb:>7s} {pct:>6s} {gib:>6s} {first:>7s}  {r.note}")
+        cells = [r.ms and f"{r.ms:.3f}", r.eager_ms and f"{r.eager_ms:.3f}", r.tflops, r.gbs, r.pct_ceiling,
+                 r.peak_gib, r.first_s]
+        ms, eager, tf, gb, pct, gib, first = ("-" if c is None else str(c) for c in cells)
+        lines.append(f"{r.op:11s} {r.variant:30s} {ms:>9s} {eager:>9s} {tf:>8s} {gb:>7s} {pct:>6s} {gib:>6s} "
+                     f"{first:>7s}  {r.note}")
     full, full_flex = bench.ms("attention", "full: sdpa (cuDNN)"), bench.ms("attention", "full: flex")
     for name in ("cudnn", "flex", "torch flash", "flash-attn"):
         slide = bench.ms("attention", f"window 1024: {name}")
@@ -424,12 +442,13 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default=None, help=f"comma list of sections: {', '.join(SECTIONS)}")
     parser.add_argument("--budget-s", type=float, default=None, help="skip entries once this many seconds passed")
     parser.add_argument("--out", default=None, help="append one JSON row per entry to this file")
+    parser.add_argument("--graph", action="store_true", help="time each entry as a CUDA-graph replay too")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA device")
     card = torch.cuda.get_device_name()
     print(f"# {card}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    bench = Bench(args.budget_s, args.out)
+    bench = Bench(args.budget_s, args.out, graph=args.graph)
     bench_matmul(bench)
     sections = SECTIONS if args.only is None else {k: SECTIONS[k] for k in args.only.split(",")}
     for section in sections.values():
