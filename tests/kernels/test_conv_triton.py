@@ -4,7 +4,8 @@ set before triton is imported). Outputs and the gradients of x, weight and bias;
 packed documents; with and without SiLU and bias; lengths that do not fill a tile.
 
 Tolerances: float32 2e-5 relative (the same float32 sums in another order); bfloat16 inputs
-1e-2 (x and y rounded to bfloat16 on both sides, float32 inside).
+1e-2 (x and y rounded to bfloat16 on both sides, float32 inside, except the kernel's
+backward intermediate dpre, kept in bfloat16 for dx).
 """
 
 from __future__ import annotations
