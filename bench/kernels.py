@@ -9,9 +9,10 @@ as `first s` (compilation, fla's autotuning). `eager ms` calls the work from the
 for the small memory-bound ops (conv, norms) is mostly launch overhead; with `--graph`, `ms`
 replays it as a CUDA graph (GPU time without launch gaps, what a graphed training step sees;
 bench/blocks.py times whole sublayers that way), else `ms` is the eager time. Entries that
-cannot be captured (a read back to the host) keep their eager time, with a note. Matmul-like ops report TFLOP/s from the
-nominal FLOPs stated beside each op and the % of a bf16 8192^3 matmul measured in the same
-run; memory-bound ops (conv, norms, SwiGLU) report GB/s of their minimal traffic.
+cannot be captured (a read back to the host) keep their eager time, with a note. Matmul-like
+ops report TFLOP/s from the nominal FLOPs stated beside each op and the % of a bf16 8192^3
+matmul measured in the same run; memory-bound ops (conv, norms, SwiGLU) report GB/s of their
+minimal traffic, both from `ms`.
 Included: sliding-window (1024) vs full causal attention at T = 8192 (target >= 3x), and
 fla vs mamba_ssm for SSD (the faster should be the default, braid.kernels.backend).
 """
@@ -49,7 +50,7 @@ class Result:
     op: str
     variant: str
     shape: str
-    ms: float | None = None  # CUDA-graph replay; eager where the entry cannot be captured
+    ms: float | None = None  # with --graph the CUDA-graph replay (unless it cannot be captured), else eager
     eager_ms: float | None = None
     tflops: float | None = None
     gbs: float | None = None
