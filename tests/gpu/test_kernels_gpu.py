@@ -300,6 +300,37 @@ def test_ssd(backend, dtype, T, docs, with_state):
     assert_parity(fast, ref, _tol(dtype))
 
 
+# braid's mamba_ssm ops keep the forward's chunk states for the backward instead of recomputing
+# them; that must leave mamba_ssm's numbers unchanged. LIBRARY_TOL: the same kernels in the
+# same order, but some of them add partial sums with atomics (order varies run to run).
+LIBRARY_TOL = 1e-5
+
+
+@pytest.mark.parametrize("docs, with_state", [(False, False), (False, True), (True, False)],
+                         ids=["rows", "state", "docs"])
+def test_ssd_mamba_ssm_matches_the_library(docs, with_state):
+    require("ssd", "mamba_ssm")
+    from braid.kernels.ssd.mamba_ssm import _combined
+    from braid.kernels.varlen import segment_index_BT
+
+    B, T, chunk = 2, 1000, 64
+    leaves = ssd_inputs(B, T, torch.bfloat16, with_state=with_state)
+    doc_ids = doc_ids_for(B, T) if docs else None
+    with use_backends("ssd=mamba_ssm"):
+        ours = run_with_grads(lambda **kw: ssd(**kw, chunk_size=chunk, doc_ids_BT=doc_ids, return_final_state=True),
+                              leaves)
+    seq_idx = None if doc_ids is None else segment_index_BT(doc_ids)
+
+    def library(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, D_H, initial_state_BHPN=None):
+        return _combined.mamba_chunk_scan_combined(
+            x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, chunk, D=D_H, initial_states=initial_state_BHPN,
+            seq_idx=seq_idx, return_final_states=True,
+        )
+
+    theirs = run_with_grads(library, leaves)
+    assert_parity(ours, theirs, LIBRARY_TOL)
+
+
 def test_ssd_groups_with_fla():
     require("ssd", "fla")
     leaves = ssd_inputs(2, 200, torch.float32, H=8, G=4, with_state=True)
@@ -380,6 +411,34 @@ def test_gla(dtype, T, docs, with_state):
     ref = run_with_grads(lambda **kw: gla_chunked(**kw, **kwargs), leaves)
     # One token from a zero state: output and final state do not depend on the gate.
     assert_parity(fast, ref, _tol(dtype), zero_grads=("g_BTHK",) if T == 1 and not with_state else ())
+
+
+@pytest.mark.parametrize("docs, with_state", [(False, False), (False, True), (True, False)],
+                         ids=["rows", "state", "docs"])
+def test_gla_fla_matches_the_library(docs, with_state):
+    """braid's chunk_gla ops keep the gate cumsum and float32 chunk states for the backward;
+    fla's ChunkGLAFunction recomputes them. The numbers must be fla's."""
+    require("gla", "fla")
+    from fla.ops.gla import chunk_gla as fla_chunk_gla
+
+    from braid.kernels.gla.fla import chunk_gla as braid_chunk_gla
+
+    B, T = 2, 1000
+    leaves = gla_inputs(B, T, torch.bfloat16, with_state=with_state)
+    if docs:  # fla's varlen form: one packed row
+        leaves = {name: t.flatten(0, 1)[None] if name != "initial_state_BHKV" else t for name, t in leaves.items()}
+        cu_seqlens = torch.tensor([0, 300, 301, 640, 2 * T], device="cuda")  # one 1-token document
+    else:
+        cu_seqlens = None
+    scale = leaves["q_BTHK"].shape[-1] ** -0.5
+
+    def run(fn):
+        def call(q_BTHK, k_BTHK, v_BTHV, g_BTHK, initial_state_BHKV=None):
+            return fn(q_BTHK, k_BTHK, v_BTHV, g_BTHK, scale=scale, initial_state=initial_state_BHKV,
+                      output_final_state=True, cu_seqlens=cu_seqlens)
+        return run_with_grads(call, leaves)
+
+    assert_parity(run(braid_chunk_gla), run(fla_chunk_gla), LIBRARY_TOL)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
