@@ -217,7 +217,7 @@ def run_braid(args: argparse.Namespace, compile_mode: str) -> Run:
     if args.profile or args.trace:
         # One trace per compile mode when several run: name.json.gz -> name.<mode>.json.gz
         trace = args.trace and (args.trace if len(args.compile) == 1 else args.trace.replace(".json", f".{compile_mode}.json"))
-        print_profile(step, args.device, trace=trace)
+        print_profile(step, args.device, rows=args.profile_rows, trace=trace)
     if args.sync_debug and not graphed:
         print_syncs(step)
     return Run(
@@ -370,6 +370,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="append one JSON row per run to this file")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of the script")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one more braid step")
+    parser.add_argument("--profile-rows", type=int, default=25, help="kernels --profile lists")
     parser.add_argument("--trace", default=None, help="write a Chrome trace of one more braid step here (.json[.gz])")
     parser.add_argument(
         "--sync-debug", action="store_true", help="list the host-device synchronisations of one more eager braid step"
