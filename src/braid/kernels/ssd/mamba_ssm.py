@@ -59,10 +59,10 @@ _combined = _load_ssd_combined()
 # with one change: the forward keeps what the backward would otherwise recompute (dt and the
 # cumulative decay per chunk, the float32 states entering each chunk, C·Bᵀ per chunk), so the
 # backward skips four kernels (a hybrid-374m Mamba-2 layer at B2 T8192, H32 P64 N128, went
-# from 3.04 to 2.91 ms fwd+bwd on an H200; it keeps about 140 MB more per layer). The states are passed
-# in float32 instead of x's dtype: mamba_ssm's scan kernel casts them to C's dtype on load, so
-# the output is the same, and the backward gets the float32 states its own recomputation makes,
-# so the gradients are mamba_ssm's.
+# from 3.04 to 2.91 ms fwd+bwd on an H200; it keeps about 140 MB more per layer). The states
+# are passed in float32 instead of x's dtype: mamba_ssm's scan kernel casts them to C's dtype
+# on load, so the output is the same, and the backward gets the float32 states its own
+# recomputation makes, so the gradients are mamba_ssm's.
 @cuda_op(
     "mamba_ssd",
     "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? initial_states, "
