@@ -124,3 +124,28 @@ def test_throughput_config_overrides_apply_to_the_model_config_and_reject_unknow
         throughput.resolve_config("hybrid-374m", 8192, ["mamba2.chunk=256"])
     args = throughput.parse_args(["--set", "mamba2.chunk_size=256", "--set", "moe.top_k=1"])
     assert args.set == ["mamba2.chunk_size=256", "moe.top_k=1"]
+
+
+def test_kernels_summary_states_the_window_ratio_on_graph_and_eager_time():
+    sys.path.insert(0, str(ROOT / "bench"))  # kernels.py imports its neighbour graphs.py
+    try:
+        kernels = load_script("kernels")
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    bench = kernels.Bench.__new__(kernels.Bench)  # no GPU here: the results are given
+    bench.results = [
+        kernels.Result("attention", "full: sdpa (cuDNN)", "s", ms=2.4, eager_ms=2.4),
+        kernels.Result("attention", "full: flex", "s", ms=3.6, eager_ms=3.6),
+        kernels.Result("attention", "window 1024: cudnn", "s", ms=0.75, eager_ms=1.2),
+        kernels.Result("attention", "window 1024: flex", "s", ms=1.0, eager_ms=1.0),
+    ]
+    bench.graph = True
+    lines = [line for line in kernels.summary(bench) if line.startswith("sliding window")]
+    assert lines == [
+        "sliding window 1024 (cudnn) vs full causal at T=8192: 3.20x vs SDPA (cuDNN), 4.80x vs flex full; "
+        "meets the 3x target (graph replay; eager 2.00x)",
+        "sliding window 1024 (flex) vs full causal at T=8192: 2.40x vs SDPA (cuDNN), 3.60x vs flex full; "
+        "misses the 3x target (graph replay; eager 2.40x)",
+    ]
+    bench.graph = False  # eager times only: no second ratio
+    assert not any("graph replay" in line for line in kernels.summary(bench))
