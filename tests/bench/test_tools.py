@@ -14,10 +14,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def load_script(name: str):
+    """bench/<name>.py as a module; bench/ is on the path while it loads (scripts import their
+    neighbours: blocks.py throughput.py, kernels.py graphs.py)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
     return module
 
 
@@ -82,11 +88,7 @@ def test_ratios_use_the_fastest_baseline_and_peer_run():
 
 
 def test_blocks_script_finds_one_sublayer_per_kind():
-    sys.path.insert(0, str(ROOT / "bench"))  # blocks.py imports its neighbour throughput.py
-    try:
-        blocks = load_script("blocks")
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    blocks = load_script("blocks")
     from braid.configs.models import tiny_hybrid
     from braid.model import build_model
 
@@ -127,11 +129,7 @@ def test_throughput_config_overrides_apply_to_the_model_config_and_reject_unknow
 
 
 def test_kernels_summary_states_the_window_ratio_on_graph_and_eager_time():
-    sys.path.insert(0, str(ROOT / "bench"))  # kernels.py imports its neighbour graphs.py
-    try:
-        kernels = load_script("kernels")
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    kernels = load_script("kernels")
     bench = kernels.Bench.__new__(kernels.Bench)  # no GPU here: the results are given
     bench.results = [
         kernels.Result("attention", "full: sdpa (cuDNN)", "s", ms=2.4, eager_ms=2.4),
