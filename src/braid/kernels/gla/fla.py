@@ -39,8 +39,9 @@ def _chunk_indices(cu_seqlens, cu_seqlens_cpu, chunk_size):
     return None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size, cu_seqlens_cpu=cu_seqlens_cpu)
 
 
-# chunk_gla's forward and backward as custom ops with fake kernels (what fla's ChunkGLAFunction
-# runs): an opaque node of one torch.compile graph instead of a graph break per GLA layer.
+# chunk_gla's forward and backward as custom ops with fake kernels (fla's kernels, in the order
+# its ChunkGLAFunction runs them): an opaque node of one torch.compile graph instead of a graph
+# break per GLA layer.
 #
 # The forward runs chunk_gla_fwd's four steps itself so that it can keep what fla's backward
 # would recompute: the gate's in-chunk cumsum (float32, as fla keeps it for float32 gates) and,
