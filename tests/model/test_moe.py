@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from braid.kernels.moe import grouped_swiglu
 from braid.model.config import MoEConfig
-from braid.model.moe import MoE, combine, dispatch
+from braid.model.moe import MoE, combine, dispatch, inverse_permutation, sort_by_expert
 
 D_MODEL = 8
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -89,6 +89,18 @@ def test_dispatch_and_combine_are_gathers_with_exact_gradients():
     torch.testing.assert_close(combine(y_SD, order_S, unsort_S), y_SD[unsort_S], rtol=0, atol=0)
     assert torch.autograd.gradcheck(lambda x: dispatch(x, order_S, unsort_S, top_k), (x_ND,))
     assert torch.autograd.gradcheck(lambda y: combine(y, order_S, unsort_S), (y_SD,))
+
+
+@pytest.mark.parametrize("num_experts", [2, 8, 256, 257, 40000])
+def test_sort_by_expert_is_the_stable_argsort(num_experts):
+    """Narrow sort keys (uint8 up to 256 experts, then int16, int32) give int64's stable order."""
+    expert_ids = torch.randint(num_experts, (4096,), generator=torch.Generator().manual_seed(num_experts))
+    expert_ids[:2] = num_experts - 1  # the largest id fits the narrow key
+    order = sort_by_expert(expert_ids, num_experts)
+    assert torch.equal(order, torch.argsort(expert_ids, stable=True))
+    inverse = inverse_permutation(order)
+    assert torch.equal(inverse, torch.argsort(order))
+    assert torch.equal(order[inverse], torch.arange(4096))
 
 
 def test_bias_changes_selection_in_parity_test():

@@ -38,6 +38,26 @@ def expert_counts(experts_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts_E.scatter_add_(0, flat, torch.ones_like(flat))
 
 
+KEY_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The stable order that sorts the flat expert_ids by expert, (S,) int64.
+
+    The keys are cast to the narrowest integer type that holds num_experts - 1 first: CUDA's
+    radix sort makes one pass per key byte, so uint8 keys take one pass where int64 takes eight."""
+    key_dtype = next(d for d in KEY_DTYPES if num_experts - 1 <= torch.iinfo(d).max)
+    return torch.argsort(expert_ids.to(key_dtype), stable=True)
+
+
+def inverse_permutation(order_S: torch.Tensor) -> torch.Tensor:
+    """inverse[order_S[i]] = i: the position of each element in the order (a scatter of
+    distinct indices, deterministic, where an argsort of the order would be another sort)."""
+    inverse_S = torch.empty_like(order_S)
+    inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+    return inverse_S
+
+
 class _Dispatch(torch.autograd.Function):
     """x_ND's rows for the slots sorted by expert, x_ND[order_S // K]; the backward gathers
     each token's K slot gradients through the inverse order and sums them (no atomics)."""
@@ -167,9 +187,8 @@ class MoE(nn.Module):
         self, x_ND: torch.Tensor, experts_NK: torch.Tensor, gates_NK: torch.Tensor, counts_E: torch.Tensor
     ) -> torch.Tensor:
         num_tokens, top_k = experts_NK.shape
-        order_S = torch.argsort(experts_NK.flatten(), stable=True)
-        unsort_S = torch.empty_like(order_S)
-        unsort_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+        order_S = sort_by_expert(experts_NK.flatten(), self.cfg.num_experts)
+        unsort_S = inverse_permutation(order_S)
         y_sorted_SD = self.run_experts(dispatch(x_ND, order_S, unsort_S, top_k), counts_E)
         y_NKD = combine(y_sorted_SD, order_S, unsort_S).unflatten(0, (num_tokens, top_k))
         y_ND = (y_NKD.to(gates_NK.dtype) * gates_NK.unsqueeze(-1)).sum(dim=1)

@@ -62,7 +62,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from braid.kernels.moe import grouped_swiglu
-from braid.model.moe import MoE
+from braid.model.moe import MoE, inverse_permutation, sort_by_expert
 from braid.parallel.styles import ScaleGrad
 
 __all__ = [
@@ -142,10 +142,10 @@ class ExpertParallelMoE(BatchStatsMoE):
         local_expert_Q = torch.repeat_interleave(
             torch.arange(num_local, device=counts_E.device).repeat(num_ranks), recv_counts_RL.flatten()
         )
-        order_Q = torch.argsort(local_expert_Q, stable=True)
+        order_Q = sort_by_expert(local_expert_Q, num_local)
         weights = [ScaleGrad.apply(_local(getattr(self, name)), self.expert_grad_scale) for name in EXPERT_WEIGHTS]
         y_grouped_QD = grouped_swiglu(x_recv_QD[order_Q], recv_counts_RL.sum(dim=0), *weights)
-        y_recv_QD = y_grouped_QD[torch.argsort(order_Q)]
+        y_recv_QD = y_grouped_QD[inverse_permutation(order_Q)]
         return _AllToAll.apply(y_recv_QD, send_splits, recv_splits, self.ep_group)
 
 
