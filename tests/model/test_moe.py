@@ -111,6 +111,19 @@ def test_bias_changes_selection_in_parity_test():
     assert not torch.equal(before_NK.sort(-1).values, moe.route(x_ND)[2].sort(-1).values)
 
 
+def test_routing_is_float32_under_autocast():
+    """bf16 autocast must not reach the router: logits, scores and gates stay float32, and the
+    selection is the one float32 gives for the same (bf16-rounded) input."""
+    moe = _moe()
+    x_ND = torch.randn(64, moe.router.in_features).to(torch.bfloat16).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routed = moe.route(x_ND)
+    plain = moe.route(x_ND)
+    assert all(t.dtype == torch.float32 for t in (routed[0], routed[1], routed[3]))
+    for got, want in zip(routed, plain):
+        assert torch.equal(got, want)
+
+
 def test_output_keeps_input_dtype():
     moe = MoE(D_MODEL, MoEConfig(num_experts=4, top_k=2, d_expert=6, num_shared_experts=1)).bfloat16()
     y_BTD, aux = moe(torch.randn(2, 3, D_MODEL, dtype=torch.bfloat16))

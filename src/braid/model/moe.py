@@ -159,7 +159,9 @@ class MoE(nn.Module):
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_ND: (N, D) -> logits_NE, scores_NE (float32, float64 for float64 x), experts_NK, gates_NK."""
         router_dtype = torch.promote_types(x_ND.dtype, torch.float32)
-        logits_NE = F.linear(x_ND.to(router_dtype), self.router.weight.to(router_dtype))
+        # Outside autocast, which would run the linear (and so the logits) in bfloat16.
+        with torch.autocast(x_ND.device.type, enabled=False):
+            logits_NE = F.linear(x_ND.to(router_dtype), self.router.weight.to(router_dtype))
         if self.cfg.score == "softmax":
             scores_NE = logits_NE.softmax(dim=-1)
         else:
