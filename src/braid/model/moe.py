@@ -21,8 +21,6 @@ Legend: B batch, T time, D d_model, F expert hidden width (d_expert), E experts,
 N tokens (B*T), S routed slots (N*K), X packed statistics (2E + 2).
 """
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,14 +36,6 @@ def expert_counts(experts_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
     counts_E = torch.zeros(num_experts, dtype=torch.int64, device=experts_NK.device)
     flat = experts_NK.flatten()
     return counts_E.scatter_add_(0, flat, torch.ones_like(flat))
-
-
-def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast off (it would run the router's linear, and so the logits, in bfloat16); a
-    no-op on devices without autocast (e.g. meta)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 KEY_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -169,7 +159,8 @@ class MoE(nn.Module):
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_ND: (N, D) -> logits_NE, scores_NE (float32, float64 for float64 x), experts_NK, gates_NK."""
         router_dtype = torch.promote_types(x_ND.dtype, torch.float32)
-        with _without_autocast(x_ND.device.type):
+        # Autocast off: it would run the linear, and so the logits, in bfloat16.
+        with torch.autocast(x_ND.device.type, enabled=False):
             logits_NE = F.linear(x_ND.to(router_dtype), self.router.weight.to(router_dtype))
         if self.cfg.score == "softmax":
             scores_NE = logits_NE.softmax(dim=-1)
