@@ -51,6 +51,13 @@ def _load_ssd_combined():
 _combined = _load_ssd_combined()
 
 
+def _kernel_layouts(x, B, C):
+    """x, B and C as mamba_ssm's kernels take them: B and C contiguous, x with a stride-1 last
+    or time dim (mamba_ssm's own check; a slice of a wider tensor is then read in place)."""
+    x = x if x.stride(-1) == 1 or x.stride(1) == 1 else x.contiguous()
+    return x, B.contiguous(), C.contiguous()
+
+
 # mamba_ssm's forward and backward as two custom ops with fake kernels: torch.compile keeps
 # them as opaque nodes of one graph (no graph break around each SSD, so the projections, conv
 # and gated norm around it fuse, and gradients are summed inside the compiled backward).
@@ -69,8 +76,7 @@ _combined = _load_ssd_combined()
     "Tensor? seq_idx, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def _mamba_ssd(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
-    B, C = B.contiguous(), C.contiguous()
-    x = x if x.stride(-1) == 1 or x.stride(1) == 1 else x.contiguous()
+    x, B, C = _kernel_layouts(x, B, C)
     N = B.shape[-1]
     dA_cumsum, dt_chunks = _combined._chunk_cumsum_fwd(dt, A, chunk_size)
     states = _combined._chunk_state_fwd(B, x, dt_chunks, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
@@ -105,8 +111,8 @@ def _(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
 )
 def _mamba_ssd_backward(dout, dfinal_states, x, dt, A, B, C, D, initial_states, seq_idx, dt_chunks, dA_cumsum,
                         states, CB):
-    dout, B, C = dout.contiguous(), B.contiguous(), C.contiguous()
-    x = x if x.stride(-1) == 1 or x.stride(1) == 1 else x.contiguous()
+    x, B, C = _kernel_layouts(x, B, C)
+    dout = dout.contiguous()
     G, N = B.shape[-2:]
     dstates = _combined._chunk_scan_bwd_dstates(C, dA_cumsum, dout, seq_idx=seq_idx, dtype=states.dtype)
     # dstates[c] is the gradient of the state entering chunk c; states comes back in x's dtype.
@@ -148,9 +154,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dfinal_states, *_kept):
-    saved = ctx.saved_tensors
-    D, initial_states = saved[5], saved[6]
-    dx, ddt, dA, dB, dC, dD, dinitial = torch.ops.braid.mamba_ssd_backward(dout, dfinal_states, *saved)
+    x, dt, A, B, C, D, initial_states, seq_idx, *kept = ctx.saved_tensors
+    dx, ddt, dA, dB, dC, dD, dinitial = torch.ops.braid.mamba_ssd_backward(
+        dout, dfinal_states, x, dt, A, B, C, D, initial_states, seq_idx, *kept
+    )
     return dx, ddt, dA, dB, dC, drop_placeholder(dD, D), drop_placeholder(dinitial, initial_states), None, None
 
 
