@@ -441,6 +441,64 @@ def test_gla_fla_matches_the_library(docs, with_state):
     assert_parity(run(braid_chunk_gla), run(fla_chunk_gla), LIBRARY_TOL)
 
 
+def _fwd_bwd(fn, leaves: dict, cotangents: list):
+    """fn's outputs and the leaves' gradients of sum(out * cotangent), with no random numbers
+    drawn, so that a CUDA graph can capture it."""
+    outs = fn(**leaves)
+    grads = torch.autograd.grad(outs, list(leaves.values()), cotangents)
+    return [o.detach() for o in outs], dict(zip(leaves, grads))
+
+
+def _graph_replay(fn, leaves: dict, cotangents: list):
+    """_fwd_bwd captured in a CUDA graph (after warm-up on a side stream), then replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            _fwd_bwd(fn, leaves, cotangents)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _fwd_bwd(fn, leaves, cotangents)
+    graph.replay()
+    torch.cuda.synchronize()
+    return captured
+
+
+@pytest.mark.parametrize("op", ["ssd", "gla"])
+def test_side_stream_overlap_gives_the_serial_results(op):
+    """The mamba_ssm SSD and fla GLA ops run some kernels on a side stream beside the others
+    (braid.kernels.streams). Eagerly and replayed from a CUDA graph, the results must be those
+    of one stream (LIBRARY_TOL: the same kernels, some adding partial sums with atomics)."""
+    from braid.kernels.streams import serial
+
+    if op == "ssd":
+        require("ssd", "mamba_ssm")
+        spec, inputs = "ssd=mamba_ssm", ssd_inputs(2, 1000, torch.bfloat16, with_state=True)
+
+        def fn(**kw):
+            return ssd(**kw, chunk_size=64, return_final_state=True)
+    else:
+        require("gla", "fla")
+        spec, inputs = "gla=fla", gla_inputs(2, 1000, torch.bfloat16, with_state=True)
+
+        def fn(**kw):
+            return gla(**kw, return_final_state=True)
+
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    with use_backends(spec):
+        with torch.no_grad():
+            shapes = [(o.shape, o.dtype) for o in fn(**leaves)]
+        cotangents = [torch.randn(shape, generator=gen, device="cuda").to(dtype) for shape, dtype in shapes]
+        with serial():
+            one_stream = _fwd_bwd(fn, leaves, cotangents)
+        overlapped = _fwd_bwd(fn, leaves, cotangents)
+        replayed = _graph_replay(fn, leaves, cotangents)
+    assert_parity(overlapped, one_stream, LIBRARY_TOL)
+    assert_parity(replayed, one_stream, LIBRARY_TOL)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_gla_step(dtype):
     require("gla_step", "fla")

@@ -56,9 +56,10 @@ def mamba_ssm_wrapper():
 FLA = {
     "fla": (), "fla.ops": (), "fla.ops.utils": ("prepare_chunk_indices",),
     "fla.ops.utils.constant": ("RCP_LN2",), "fla.ops.utils.cumsum": ("chunk_local_cumsum",),
-    "fla.ops.common": (), "fla.ops.common.chunk_h": ("chunk_fwd_h",),
+    "fla.ops.common": (), "fla.ops.common.chunk_h": ("chunk_bwd_dh", "chunk_fwd_h"),
     "fla.ops.gla": ("fused_recurrent_gla",),
-    "fla.ops.gla.chunk": ("chunk_gla_bwd", "chunk_gla_fwd_intra_gk", "chunk_gla_fwd_o_gk"),
+    "fla.ops.gla.chunk": ("chunk_gla_bwd_dA", "chunk_gla_bwd_dqk_intra", "chunk_gla_bwd_dqkg", "chunk_gla_bwd_dv",
+                          "chunk_gla_fwd_intra_gk", "chunk_gla_fwd_o_gk"),
     "fla.ops.simple_gla": ("chunk_simple_gla", "fused_recurrent_simple_gla"),
     "fla.modules": (), "fla.modules.causal_conv1d": (),
     "fla.modules.causal_conv1d.ops": ("causal_conv1d_fwd", "causal_conv1d_bwd"),

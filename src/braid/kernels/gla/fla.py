@@ -2,7 +2,8 @@
 fused_recurrent_gla (decode); the mapping onto them is braid.kernels.gla.packed.
 
 chunk_gla's forward and backward (the steps of fla's `chunk_gla_fwd`, keeping what the
-backward would recompute, and `chunk_gla_bwd`) are custom ops with fake kernels,
+backward would recompute, and of `chunk_gla_bwd`, whose in-chunk part runs on a side stream
+beside the state-gradient pass: braid.kernels.streams) are custom ops with fake kernels,
 `braid::fla_chunk_gla` and its backward: torch.compile keeps them as opaque nodes in one graph.
 
 Documents run as fla varlen segments: an initial state applies to each row's first
@@ -15,9 +16,16 @@ Legend: B batch, T time, H heads, K key head dim, V value head dim.
 from __future__ import annotations
 
 import torch
-from fla.ops.common.chunk_h import chunk_fwd_h
+from fla.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from fla.ops.gla import fused_recurrent_gla
-from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd_intra_gk, chunk_gla_fwd_o_gk
+from fla.ops.gla.chunk import (
+    chunk_gla_bwd_dA,
+    chunk_gla_bwd_dqk_intra,
+    chunk_gla_bwd_dqkg,
+    chunk_gla_bwd_dv,
+    chunk_gla_fwd_intra_gk,
+    chunk_gla_fwd_o_gk,
+)
 from fla.ops.utils import prepare_chunk_indices
 from fla.ops.utils.constant import RCP_LN2
 from fla.ops.utils.cumsum import chunk_local_cumsum
@@ -25,6 +33,7 @@ from torch import Tensor
 
 from braid.kernels.custom_ops import cuda_op, drop_placeholder, optional_fake, optional_grad
 from braid.kernels.gla.packed import gla_step_via_recurrent, gla_via_packed
+from braid.kernels.streams import beside, join
 
 # Opaque to torch.compile (a graph break), as braid.kernels.ssd.fla's kernels; decoding only.
 fused_recurrent_gla = torch.compiler.disable(fused_recurrent_gla)
@@ -102,11 +111,29 @@ def _(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, cu_seqle
 def _chunk_gla_backward(do, dfinal, q, k, v, scale, initial_state, A, g_cumsum, h, cu_seqlens, cu_seqlens_cpu):
     chunk_size = _chunk_length(q.shape[1])
     q, k, v, do = (t.contiguous() for t in (q, k, v, do))
+    chunk_indices = _chunk_indices(cu_seqlens, cu_seqlens_cpu, chunk_size)
+    varlen = dict(cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+    # fla's chunk_gla_bwd, step by step, with its in-chunk dq and dk (which need no state
+    # gradients) on the side stream beside the state-gradient scan and dv. (The forward's
+    # in-chunk attention beside its state pass gained nothing: both slowed down by as much.)
     with torch.cuda.device(q.device):
-        dq, dk, dv, dg, dinitial = chunk_gla_bwd(
-            q=q, k=k, v=v, g=None, g_cumsum=g_cumsum, scale=scale, initial_state=initial_state,
-            h=h if h.numel() else None, A=A, do=do, dht=dfinal, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-            chunk_indices=_chunk_indices(cu_seqlens, cu_seqlens_cpu, chunk_size),
+        with beside(q.device):
+            dA = chunk_gla_bwd_dA(v=v, do=do, scale=scale, chunk_indices=chunk_indices, **varlen)
+            dq, dk = chunk_gla_bwd_dqk_intra(q=q, k=k, g=g_cumsum, dA=dA, chunk_indices=chunk_indices, **varlen)
+        if not h.numel():  # with documents the forward kept no states
+            h, _ = chunk_fwd_h(
+                k=k, v=v, g=None, gk=g_cumsum, gv=None, h0=initial_state, output_final_state=False,
+                states_in_fp32=True, **varlen,
+            )
+        dh, dinitial = chunk_bwd_dh(
+            q=q, k=k, v=v, g=None, gk=g_cumsum, gv=None, do=do, h0=initial_state, dht=dfinal, scale=scale,
+            states_in_fp32=True, **varlen,
+        )
+        dv = chunk_gla_bwd_dv(k=k, g=g_cumsum, A=A, do=do, dh=dh, chunk_indices=chunk_indices, **varlen)
+        join(q.device)
+        dq, dk, dg = chunk_gla_bwd_dqkg(
+            q=q, k=k, v=v, h=h, g=g_cumsum, do=do, dh=dh, dq=dq, dk=dk, scale=scale, chunk_indices=chunk_indices,
+            **varlen,
         )
     grads = tuple(d.to(t.dtype).contiguous() for d, t in ((dq, q), (dk, k), (dv, v), (dg, g_cumsum)))
     return (*grads, optional_grad(dinitial, initial_state, q))

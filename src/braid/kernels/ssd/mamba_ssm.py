@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from braid.kernels.custom_ops import cuda_op, drop_placeholder, optional_fake, optional_grad
+from braid.kernels.streams import beside, join
 from braid.kernels.varlen import segment_index_BT
 
 SSD_COMBINED = "mamba_ssm.ops.triton.ssd_combined"
@@ -114,6 +115,12 @@ def _mamba_ssd_backward(dout, dfinal_states, x, dt, A, B, C, D, initial_states, 
     x, B, C = _kernel_layouts(x, B, C)
     dout = dout.contiguous()
     G, N = B.shape[-2:]
+    # Two side-stream blocks overlap kernels that do not wait for each other (the same kernels
+    # and sums as mamba_ssm's backward): the in-chunk terms, which need no state gradients,
+    # beside the state-gradient pass; then dB and dC beside dx.
+    with beside(x.device):
+        dCB = _combined._chunk_scan_bwd_dcb(x, dt_chunks, dA_cumsum, dout, seq_idx=seq_idx, ngroups=G).to(CB.dtype)
+        ddA = _combined._chunk_scan_bwd_ddAcs_stable(x, dt_chunks, dA_cumsum, dout, CB)
     dstates = _combined._chunk_scan_bwd_dstates(C, dA_cumsum, dout, seq_idx=seq_idx, dtype=states.dtype)
     # dstates[c] is the gradient of the state entering chunk c; states comes back in x's dtype.
     dstates, ddA_chunk_last, dinitial, states = _combined._state_passing_bwd(
@@ -122,18 +129,18 @@ def _mamba_ssd_backward(dout, dfinal_states, x, dt, A, B, C, D, initial_states, 
         has_initial_states=initial_states is not None, dstates_dtype=x.dtype, states_dtype=x.dtype,
     )
     states, dstates = states.unflatten(-1, (-1, N)), dstates.unflatten(-1, (-1, N))
+    with beside(x.device):
+        dB, ddA_next = _combined._chunk_state_bwd_db(x, dt_chunks, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=G)
+        dC, ddA_prev = _combined._chunk_scan_bwd_dC(states, dA_cumsum, dout, seq_idx=seq_idx, C=C, ngroups=G)
+        dB = _combined._bmm_chunk_bwd(C, dCB, residual=dB)
+        dC = _combined._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC)
     dx, ddt_chunks, dD = _combined._chunk_scan_chunk_state_bwd_dx(
         x, dt_chunks, dA_cumsum, B, CB, dout, dstates, D=D, seq_idx=seq_idx
     )
-    dB, ddA_next = _combined._chunk_state_bwd_db(x, dt_chunks, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=G)
-    dC, ddA_prev = _combined._chunk_scan_bwd_dC(states, dA_cumsum, dout, seq_idx=seq_idx, C=C, ngroups=G)
-    dCB = _combined._chunk_scan_bwd_dcb(x, dt_chunks, dA_cumsum, dout, seq_idx=seq_idx, ngroups=G).to(CB.dtype)
-    dB = _combined._bmm_chunk_bwd(C, dCB, residual=dB)
-    dC = _combined._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC)
+    join(x.device)
     # The decay's gradient, three terms: through the chunk-to-chunk passing (its last position),
     # the states' use in later chunks (a reverse cumsum), and the in-chunk scan.
     ddA_prev[..., -1] += ddA_chunk_last
-    ddA = _combined._chunk_scan_bwd_ddAcs_stable(x, dt_chunks, dA_cumsum, dout, CB)
     ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])  # mamba_ssm's order of sums
     ddt, dA, _ = _combined._chunk_cumsum_bwd(ddA, ddt_chunks, dt, A)
     if dinitial is not None:
