@@ -10,8 +10,10 @@ a CUDA graph and replayed, so the time is the GPU's (no launch gaps). Each row g
 of one sublayer, how many the config has, their total, its TFLOP/s by braid.model.flops'
 count (matmuls plus the mixer's sequence work, as MFU counts them) and the share of the
 989 TFLOP/s peak, and the sublayer's top kernels (summed by name, with counts) from a
-profiled replay. The totals add up to the model's
-blocks; embedding, head, loss and optimizer are not included.
+profiled replay. Kernels that run at the same time on two streams (the SSD and GLA
+backwards, braid.kernels.streams) each count their own time, so a sublayer's kernel rows
+can add up to more than its ms; BRAID_SIDE_STREAM=0 times them one at a time. The totals
+add up to the model's blocks; embedding, head, loss and optimizer are not included.
 """
 
 from __future__ import annotations
