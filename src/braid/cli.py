@@ -111,11 +111,12 @@ def cmd_configs(args: argparse.Namespace) -> int:
 def cmd_kernels(args: argparse.Namespace) -> int:
     import torch
 
-    from braid.kernels import backend
+    from braid.kernels import backend, streams
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    side_stream = int(streams.enabled())
     with backend.use_backends(args.spec or backend.current_spec()):
-        print(f"BRAID_KERNELS={backend.current_spec()}  ({device})")
+        print(f"BRAID_KERNELS={backend.current_spec()}  BRAID_SIDE_STREAM={side_stream}  ({device})")
         print("\n".join(backend.report()))
     return 0
 

@@ -20,15 +20,16 @@ def test_serial_runs_beside_blocks_in_place_and_restores_the_switch(monkeypatch)
     monkeypatch.setattr(torch.cuda, "current_stream", no_cuda)
     cpu = torch.device("cpu")
     with streams.serial():
+        assert not streams.enabled()
         with streams.beside(cpu):
             y = torch.ones(3) * 2
         streams.join(cpu)
         assert y.tolist() == [2.0, 2.0, 2.0]
-    assert streams._enabled
+    assert streams.enabled()
     with pytest.raises(ValueError):
         with streams.serial():
             raise ValueError("inside")
-    assert streams._enabled
+    assert streams.enabled()
 
 
 def test_the_environment_turns_the_side_stream_off(monkeypatch):
@@ -36,8 +37,8 @@ def test_the_environment_turns_the_side_stream_off(monkeypatch):
 
     monkeypatch.setenv("BRAID_SIDE_STREAM", "0")
     try:
-        assert importlib.reload(streams)._enabled is False
+        assert importlib.reload(streams).enabled() is False
     finally:
         monkeypatch.delenv("BRAID_SIDE_STREAM")
         importlib.reload(streams)
-    assert streams._enabled is True
+    assert streams.enabled() is True

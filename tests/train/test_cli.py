@@ -64,7 +64,7 @@ def test_kernels_lists_every_op_and_rejects_a_bad_spec(capsys):
     code, out, _ = run(capsys, "kernels", "--spec", "auto,conv=fla")
     assert code == 0
     header, *rows = out.splitlines()
-    assert header.startswith("BRAID_KERNELS=auto,conv=fla")
+    assert header.startswith("BRAID_KERNELS=auto,conv=fla  BRAID_SIDE_STREAM=1")
     assert [row.split()[0] for row in rows] == list(FAST_BACKENDS)
     assert "triton (available)" in rows[list(FAST_BACKENDS).index("conv")]  # braid's own: always installed
     code, _, err = run(capsys, "kernels", "--spec", "conv=cuda_magic")

@@ -34,6 +34,11 @@ _enabled = os.environ.get("BRAID_SIDE_STREAM", "1") != "0"
 _side_streams: dict[int, torch.cuda.Stream] = {}
 
 
+def enabled() -> bool:
+    """Whether `beside` blocks run on the side stream (BRAID_SIDE_STREAM, not under `serial()`)."""
+    return _enabled
+
+
 def _side(device: torch.device) -> torch.cuda.Stream:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _side_streams:
