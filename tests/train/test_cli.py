@@ -58,13 +58,14 @@ def test_configs_lists_every_named_config(capsys):
 
 
 def test_kernels_lists_every_op_and_rejects_a_bad_spec(capsys):
+    from braid.kernels import streams
     from braid.kernels.backend import FAST_BACKENDS, current_spec
 
     before = current_spec()
     code, out, _ = run(capsys, "kernels", "--spec", "auto,conv=fla")
     assert code == 0
     header, *rows = out.splitlines()
-    assert header.startswith("BRAID_KERNELS=auto,conv=fla  BRAID_SIDE_STREAM=1")
+    assert header.startswith(f"BRAID_KERNELS=auto,conv=fla  BRAID_SIDE_STREAM={int(streams.enabled())}")
     assert [row.split()[0] for row in rows] == list(FAST_BACKENDS)
     assert "triton (available)" in rows[list(FAST_BACKENDS).index("conv")]  # braid's own: always installed
     code, _, err = run(capsys, "kernels", "--spec", "conv=cuda_magic")
