@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from braid.kernels.moe import grouped_swiglu
 from braid.model.config import MoEConfig
-from braid.model.moe import MoE, combine, dispatch, inverse_permutation, sort_by_expert
+from braid.model.moe import ARGMAX_TOP_K, MoE, combine, dispatch, inverse_permutation, sort_by_expert, top_k_indices
 
 D_MODEL = 8
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -101,6 +101,24 @@ def test_sort_by_expert_is_the_stable_argsort(num_experts):
     inverse = inverse_permutation(order)
     assert torch.equal(inverse, torch.argsort(order))
     assert torch.equal(order[inverse], torch.arange(4096))
+
+
+@pytest.mark.parametrize("k", [1, 2, ARGMAX_TOP_K, ARGMAX_TOP_K + 1])
+def test_top_k_indices_are_topks_picks_in_order(k):
+    selection_NE = torch.rand(500, 8, generator=torch.Generator().manual_seed(k))
+    assert torch.equal(top_k_indices(selection_NE, k), selection_NE.topk(k, dim=-1).indices)
+    assert top_k_indices(selection_NE, k).dtype == torch.int64
+
+
+def test_top_k_indices_break_ties_by_column_and_never_repeat():
+    selection_NE = torch.tensor([[0.5, 0.5, 0.5, 0.1], [0.2, 0.9, 0.2, 0.9]])
+    assert top_k_indices(selection_NE, 3).tolist() == [[0, 1, 2], [1, 3, 0]]
+
+
+def test_top_k_indices_under_compile_match_eager():
+    selection_NE = torch.rand(64, 8, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(top_k_indices, fullgraph=True)
+    assert torch.equal(compiled(selection_NE, 2), top_k_indices(selection_NE, 2))
 
 
 def test_bias_changes_selection_in_parity_test():
