@@ -48,6 +48,15 @@ def test_grouped_swiglu_mm_matches_the_reference(compiled):
         assert _relative(got, want) < 2e-2, (name, _relative(got, want))
 
 
+def test_bf16_weights_are_used_as_they_are():
+    counts_E, x, weights = _leaves()
+    bf16 = [w.detach().to(torch.bfloat16).requires_grad_(True) for w in weights]
+    y = grouped_swiglu_mm(x, counts_E, *bf16)
+    assert _relative(y, grouped_swiglu_reference(x, counts_E, *bf16)) < 2e-2
+    grads = torch.autograd.grad(y.float().sum(), bf16)
+    assert all(g.dtype == torch.bfloat16 and g.shape == w.shape for g, w in zip(grads, bf16))
+
+
 def test_expert_weights_op_casts_and_casts_gradients_back():
     _, _, weights = _leaves()
     copies = torch.ops.braid.expert_weights_bf16(*weights)

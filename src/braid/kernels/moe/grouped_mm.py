@@ -77,7 +77,8 @@ def grouped_swiglu_mm(
     """`braid.kernels.moe.grouped_swiglu` as grouped GEMMs (inputs validated; counts sum to N)."""
     offsets_E = counts_E.cumsum(0).to(torch.int32)
     with torch.autocast(x_sorted_ND.device.type, enabled=False):
-        w1_EDF, w3_EDF, w2_EFD = torch.ops.braid.expert_weights_bf16(w1_EDF, w3_EDF, w2_EFD)
+        if not all(w.dtype == torch.bfloat16 for w in (w1_EDF, w3_EDF, w2_EFD)):
+            w1_EDF, w3_EDF, w2_EFD = torch.ops.braid.expert_weights_bf16(w1_EDF, w3_EDF, w2_EFD)
         x_ND = x_sorted_ND.to(torch.bfloat16)
         gate_NF = torch._grouped_mm(x_ND, w1_EDF, offs=offsets_E)
         up_NF = torch._grouped_mm(x_ND, w3_EDF, offs=offsets_E)
