@@ -42,6 +42,11 @@ def packed_batch(step: int, vocab_size: int, batch_size: int = 8, seq_len: int =
     return {"input_ids": tokens, "labels": labels, "doc_ids": doc_ids}
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (the norm of expected floored at 1e-30)."""
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
 def run_interpreted(check: str, expected_oks: int, timeout: int = 600) -> None:
     """Run `check` ("tests.module:function") in a child process under Triton's interpreter
     (TRITON_INTERPRET=1 must be set before triton is imported, so not in this process); the

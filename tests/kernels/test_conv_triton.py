@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.helpers import run_interpreted
+from tests.helpers import relative_error, run_interpreted
 
 CASES = [  # (B, T, C, K, docs, silu, bias)
     (2, 37, 40, 4, False, True, True),
@@ -21,10 +21,6 @@ CASES = [  # (B, T, C, K, docs, silu, bias)
     (2, 5, 8, 3, False, True, False),
     (1, 33, 16, 2, True, True, False),
 ]
-
-
-def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
 
 
 def check_interpreted_conv_kernels() -> None:
@@ -53,9 +49,9 @@ def check_interpreted_conv_kernels() -> None:
                 dx, dw, db = conv_backward(dy, x, weight, bias, doc_ids, silu)
             grads = [dx, dw] + ([db] if with_bias else [])
             assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == weight.dtype
-            assert _relative(y, ref_y) < tol, ("y", _relative(y, ref_y))
+            assert relative_error(y, ref_y) < tol, ("y", relative_error(y, ref_y))
             for name, got, want in zip(("dx", "dweight", "dbias"), grads, ref_grads):
-                assert _relative(got, want) < tol, (name, _relative(got, want))
+                assert relative_error(got, want) < tol, (name, relative_error(got, want))
             print(f"ok B={B} T={T} C={C} K={K} docs={docs} silu={silu} bias={with_bias} {dtype}")
 
 
