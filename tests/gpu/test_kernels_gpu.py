@@ -24,6 +24,7 @@ their per-op 2**-8 roundings differently. A masking or state bug is an O(0.1-1) 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -329,6 +330,34 @@ def test_ssd_mamba_ssm_matches_the_library(docs, with_state):
 
     theirs = run_with_grads(library, leaves)
     assert_parity(ours, theirs, LIBRARY_TOL)
+
+
+@pytest.mark.parametrize("docs", [False, True], ids=["rows", "docs"])
+def test_ssd_mamba_ssm_added_configs(docs):
+    """Each config braid adds to mamba_ssm's autotune lists (EXTRA_CONFIGS), run alone, gives
+    the reference's outputs and gradients."""
+    require("ssd", "mamba_ssm")
+    from braid.kernels.ssd import mamba_ssm as ours
+
+    kernels = {key: getattr(sys.modules[f"mamba_ssm.ops.triton.{key[0]}"], key[1]) for key in ours.EXTRA_CONFIGS}
+    saved = {key: (kernel.configs, kernel.cache) for key, kernel in kernels.items()}
+    try:
+        for key, kernel in kernels.items():
+            for kwargs, num_warps, num_stages in ours.EXTRA_CONFIGS[key]:
+                added = [c for c in kernel.configs
+                         if (c.kwargs, c.num_warps, c.num_stages) == (kwargs, num_warps, num_stages)]
+                assert len(added) == 1, f"{key} lacks its added config"
+                kernel.configs, kernel.cache = added, {}
+        B, T = 2, 1000
+        leaves = ssd_inputs(B, T, torch.bfloat16, with_state=False)
+        kwargs = dict(chunk_size=128, doc_ids_BT=doc_ids_for(B, T) if docs else None, return_final_state=True)
+        with use_backends("ssd=mamba_ssm"):
+            fast = run_with_grads(lambda **kw: ssd(**kw, **kwargs), leaves)
+        ref = run_with_grads(lambda **kw: ssd_chunked(**kw, **kwargs), leaves)
+        assert_parity(fast, ref, _tol(torch.bfloat16))
+    finally:
+        for key, (configs, cache) in saved.items():
+            kernels[key].configs, kernels[key].cache = configs, cache
 
 
 def test_ssd_groups_with_fla():

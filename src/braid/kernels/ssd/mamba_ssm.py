@@ -23,6 +23,7 @@ import types
 import torch
 from torch import Tensor
 
+from braid.kernels.autotune import add_configs
 from braid.kernels.custom_ops import cuda_op, drop_placeholder, optional_fake, optional_grad
 from braid.kernels.streams import beside, join
 from braid.kernels.varlen import segment_index_BT
@@ -50,6 +51,22 @@ def _load_ssd_combined():
 
 
 _combined = _load_ssd_combined()
+
+# Configs added to mamba_ssm's autotune lists, (kwargs, num_warps, num_stages), by its module
+# and kernel. Swept on an H200 at hybrid-374m's shape (B2 T8192 H32 P64 N128, chunk 128;
+# docs/benchmarks.md, eleventh measurement): the library's best against the added one,
+# chunk scan forward 183.7 -> 128.6 us and its dx backward 228.6 -> 183.3 us (both
+# single-staged, which the library's lists lack), chunk states 86.4 -> 78.2 us, C·Bᵀ 11.1 -> 10.6 us.
+_M64_N64_K32 = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 32}
+_M64_N128_K64 = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64}
+EXTRA_CONFIGS = {
+    ("ssd_chunk_scan", "_chunk_scan_fwd_kernel"): [(_M64_N64_K32, 4, 1)],
+    ("ssd_combined", "_chunk_scan_chunk_state_bwd_dx_kernel"): [(_M64_N64_K32, 4, 1)],
+    ("ssd_chunk_state", "_chunk_state_fwd_kernel"): [(_M64_N128_K64, 2, 4)],
+    ("ssd_bmm", "_bmm_chunk_fwd_kernel"): [(_M64_N128_K64, 4, 4)],
+}
+for (_module, _kernel), _configs in EXTRA_CONFIGS.items():
+    add_configs(getattr(sys.modules[f"mamba_ssm.ops.triton.{_module}"], _kernel), _configs)
 
 
 def _kernel_layouts(x, B, C):
