@@ -147,3 +147,44 @@ def test_kernels_summary_states_the_window_ratio_on_graph_and_eager_time():
     ]
     bench.graph = False  # eager times only: no second ratio
     assert not any("graph replay" in line for line in kernels.summary(bench))
+
+
+def test_autotune_sweep_widens_with_the_librarys_block_values_and_finds_wrapped_autotuners():
+    triton = pytest.importorskip("triton")
+    tl = pytest.importorskip("triton.language")
+    sweep = load_script("autotune_sweep")
+
+    def hook(nargs):
+        pass
+
+    library = [
+        triton.Config({"BM": 64, "BN": 32}, num_warps=4, num_stages=3, pre_hook=hook),
+        triton.Config({"BM": 32, "BN": 64}, num_warps=4, num_stages=4, pre_hook=hook),
+        triton.Config({"BM": 128, "BN": 64}, num_warps=8, num_stages=3, pre_hook=hook),
+    ]
+    timings = {library[0]: 0.3, library[1]: 0.1, library[2]: 0.2}
+    wide = sweep.widened_configs(library, timings, warps=(2, 4), stages=(1, 2))
+    shapes = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in wide}
+    assert len(shapes) == len(wide)  # no repeats
+    assert wide[:3] == library  # the library's own first
+    assert all(c.pre_hook is hook for c in wide)
+    # the two fastest shapes (32x64, 128x64) under each warps x stages; not the slowest one
+    for bm, bn in ((32, 64), (128, 64)):
+        assert all(((("BM", bm), ("BN", bn)), w, s) in shapes for w in (2, 4) for s in (1, 2))
+    assert ((("BM", 64), ("BN", 32)), 2, 1) not in shapes
+    # every combination of listed block values, at the fastest config's 4 warps and 4 stages
+    assert {(c.kwargs["BM"], c.kwargs["BN"]) for c in wide if (c.num_warps, c.num_stages) == (4, 4)} == {
+        (bm, bn) for bm in (32, 64, 128) for bn in (32, 64)
+    }
+    assert all(c.kwargs["BM"] in (32, 64, 128) and c.kwargs["BN"] in (32, 64) for c in wide)
+
+    @triton.heuristics({"EVEN": lambda args: args["n"] % 2 == 0})
+    @triton.autotune(configs=library[:2], key=["n"])
+    @triton.jit
+    def wrapped(x_ptr, n, BM: tl.constexpr, BN: tl.constexpr, EVEN: tl.constexpr):
+        tl.store(x_ptr + tl.arange(0, BM), tl.zeros([BM], dtype=tl.float32))
+
+    module = type(sys)("kernels")
+    module.wrapped, module.other = wrapped, 3
+    found = sweep.autotuners([module])
+    assert list(found) == ["wrapped"] and found["wrapped"].configs == library[:2]
