@@ -340,6 +340,8 @@ def test_ssd_mamba_ssm_added_configs(docs):
     from braid.kernels.ssd import mamba_ssm as ours
 
     kernels = {key: getattr(sys.modules[f"mamba_ssm.ops.triton.{key[0]}"], key[1]) for key in ours.EXTRA_CONFIGS}
+    if any(len(kernel.configs) == 1 for kernel in kernels.values()):
+        pytest.skip("mamba_ssm's deterministic mode keeps one config per kernel; braid adds none")
     saved = {key: (kernel.configs, kernel.cache) for key, kernel in kernels.items()}
     try:
         for key, kernel in kernels.items():
