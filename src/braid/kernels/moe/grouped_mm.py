@@ -10,6 +10,8 @@ for a hybrid-374m MoE layer's three (8 experts of 1024 x 1408, on an H200) where
 generated casts took 0.070 ms; the layer at B2 T8192 went from 2.206 to 2.179 ms.
 Running w1 and w3 as one grouped GEMM over [w1 | w3] made the GEMMs 0.1 ms faster, but
 inductor's SiLU-mul backward, which then writes the stacked gradient, 0.075 ms slower.
+
+Legend: N rows sorted by expert, D model dim, F expert hidden dim, E experts.
 """
 
 from __future__ import annotations
