@@ -24,6 +24,7 @@ import argparse
 import itertools
 import os
 import sys
+import types
 
 os.environ.setdefault("BRAID_SIDE_STREAM", "0")  # one stream: the autotuner times each kernel alone
 
@@ -47,28 +48,19 @@ def autotuners(modules) -> dict:
 def widened_configs(configs: list, timings: dict, warps=(2, 4, 8), stages=(1, 2, 3, 4)) -> list:
     """The library's `configs`, then its two fastest block shapes (by `timings`, config -> ms)
     under every warp count and stage count, then every combination of the block values it lists
-    under the fastest config's warps and stages; no repeats."""
-    import triton
+    under the fastest config's warps and stages; no repeats (braid.kernels.autotune.add_configs,
+    which also gives each new config the list's pre-hook)."""
+    from braid.kernels.autotune import add_configs
 
     ranked = sorted(timings, key=timings.get)
-    hook = configs[0].pre_hook
-    out = {}
-
-    def add(kwargs, num_warps, num_stages):
-        key = (tuple(sorted(kwargs.items())), num_warps, num_stages)
-        if key not in out:
-            out[key] = triton.Config(dict(kwargs), num_warps=num_warps, num_stages=num_stages, pre_hook=hook)
-
-    for c in configs:
-        add(c.kwargs, c.num_warps, c.num_stages)
-    for c in ranked[:2]:
-        for num_warps, num_stages in itertools.product(warps, stages):
-            add(c.kwargs, num_warps, num_stages)
     fastest = ranked[0]
     values = {key: sorted({c.kwargs[key] for c in configs}) for key in fastest.kwargs}
-    for combo in itertools.product(*values.values()):
-        add(dict(zip(values, combo)), fastest.num_warps, fastest.num_stages)
-    return list(out.values())
+    candidates = [(c.kwargs, w, s) for c in ranked[:2] for w, s in itertools.product(warps, stages)]
+    candidates += [(dict(zip(values, combo)), fastest.num_warps, fastest.num_stages)
+                   for combo in itertools.product(*values.values())]
+    widened = types.SimpleNamespace(configs=list(configs))
+    add_configs(widened, candidates)
+    return widened.configs
 
 
 def _ms(value) -> float:
