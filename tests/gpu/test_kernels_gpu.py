@@ -212,6 +212,28 @@ def test_whole_model_is_causal_on_fast_kernels(docs):
     assert (logits[:, cut:] - changed[:, cut:]).abs().max() > 0.1  # the change reached the later logits
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bench_hybrid_is_causal_at_full_size(compiled):
+    """hybrid-374m at its benchmark length (B1 T8192, train mode, bf16 autocast): changing the
+    tokens from a cut one past a chunk boundary (4097) leaves every earlier logit bit-identical,
+    with the kernels at the sizes and tile counts the benchmark trains with. (On a repeated
+    random batch its loss falls far faster than llama-374m's: Mamba-2 memorises it; this rules
+    out a read-ahead.)"""
+    cfg = model_config("hybrid-374m")
+    model = build_model(cfg, device="cuda", seed=0).train()
+    forward = torch.compile(model) if compiled else model
+    T, cut = 8192, 4097
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens_BT = torch.randint(0, cfg.vocab_size, (1, T), generator=gen, device="cuda")
+    changed_BT = tokens_BT.clone()
+    changed_BT[:, cut:] = torch.randint(0, cfg.vocab_size, (1, T - cut), generator=gen, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, changed = (forward(t).float() for t in (tokens_BT, changed_BT))
+    assert torch.equal(logits[:, :cut], changed[:, :cut])
+    assert (logits[:, cut:] - changed[:, cut:]).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("docs", [False, True], ids=["rows", "docs"])
 def test_blocks_compile_without_graph_breaks(docs):
     """Every block of the tiny hybrid compiles as one graph (the fast kernels are custom ops,

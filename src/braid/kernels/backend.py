@@ -138,7 +138,9 @@ def _fla_gated_backward_refused() -> str | None:
     Hopper with Triton in [3.4.0, 3.7.1) unless tilelang is installed (fla #640: that kernel
     miscompiles there). chunk_simple_gla, which braid's fla SSD path calls, goes through it;
     chunk_gla (GLA) has its own backward kernels and is not refused. Seen on the GPU image's
-    Triton 3.6.0, 2026-11-27."""
+    Triton 3.6.0, 2026-11-27. The refusal is right at braid's state size too: with the guard
+    lifted, an H200 gave a right forward but gradients with relative errors of 1.4-1.5 at N=128
+    (BK=128), not only at the BK=64 that #640 names (2026-11-28, docs/benchmarks.md, twelfth measurement)."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         return None
     try:
