@@ -42,9 +42,9 @@ def packed_batch(step: int, vocab_size: int, batch_size: int = 8, seq_len: int =
     return {"input_ids": tokens, "labels": labels, "doc_ids": doc_ids}
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64 (the norm of expected floored at 1e-30)."""
-    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) -> float:
+    """||actual - expected|| / ||expected|| in float64, the norm of expected taken as at least `floor`."""
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(floor)).item()
 
 
 def run_interpreted(check: str, expected_oks: int, timeout: int = 600) -> None:

@@ -10,7 +10,7 @@ K=64, V=128) so that fla autotunes once per machine for tests and benchmarks tog
 Legend: B batch, T time, H heads, P head dim, G groups, N state dim, K key dim, V value dim,
 C channels, D model dim, J kv heads, E experts, F expert width.
 
-Error metric: rel(a, b) = ||a - b|| / ||b|| (Frobenius) per output and per gradient, the
+Error metric: relative_error(a, b) = ||a - b|| / ||b|| (Frobenius) per output and per gradient, the
 reference computed in float32 from the same (possibly bf16) inputs.
 Tolerances: FP32_TOL = 5e-3: fast kernels may run float32 matmuls in TF32 (fla does on
 Hopper; 10-bit mantissa, ~1e-3 relative per product, averaging down over sums). BF16_TOL =
@@ -48,6 +48,7 @@ from braid.kernels.ssd.reference import ssd_chunked, ssd_step_reference
 from braid.kernels.swiglu import silu_mul
 from braid.kernels.swiglu.reference import silu_mul_reference
 from braid.model import build_model
+from tests.helpers import relative_error
 
 pytestmark = [
     pytest.mark.gpu,
@@ -78,16 +79,11 @@ def _tol(dtype: torch.dtype, exact_fp32: bool = False) -> float:
     return EXACT_FP32 if exact_fp32 else FP32_TOL
 
 
-def rel(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) -> float:
-    diff = (actual.double() - expected.double()).norm()
-    return float(diff / expected.double().norm().clamp_min(floor))
-
-
 def assert_rel_close(actual, expected, tol: float, name: str, floor: float = 1e-30) -> None:
-    """rel(actual, expected) <= tol, the norm of `expected` taken as at least `floor`."""
+    """relative_error(actual, expected) <= tol, the norm of `expected` taken as at least `floor`."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    error = rel(actual, expected, floor)
+    error = relative_error(actual, expected, floor)
     assert error <= tol, f"{name}: relative error {error:.2e} > {tol:.0e}"
 
 
@@ -195,21 +191,26 @@ def test_whole_model_fast_vs_reference(autocast, docs):
         assert_rel_close(grads[name], ref_grad, tol, f"grad {name}", floor=floor)
 
 
+def assert_causal(forward, vocab_size: int, B: int, T: int, cut: int, doc_ids_BT=None) -> None:
+    """Changing the tokens from position `cut` on (train mode, bf16 autocast, no grad) leaves
+    every logit before it bit-identical and moves a later one by more than 0.1."""
+    tokens_BT = torch.randint(0, vocab_size, (B, T), device="cuda")
+    changed_BT = tokens_BT.clone()
+    changed_BT[:, cut:] = torch.randint(0, vocab_size, (B, T - cut), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, changed = (forward(t, doc_ids_BT).float() for t in (tokens_BT, changed_BT))
+    assert torch.equal(logits[:, :cut], changed[:, :cut])
+    assert (logits[:, cut:] - changed[:, cut:]).abs().max() > 0.1  # the change reached the later logits
+
+
 @pytest.mark.parametrize("docs", [False, True], ids=["rows", "docs"])
 def test_whole_model_is_causal_on_fast_kernels(docs):
     """Changing the tokens from position `cut` on leaves every logit before it bit-identical
     (train mode, bf16 autocast): no fast kernel reads ahead, not even by rounding."""
     torch.manual_seed(0)
     cfg, model = build_tiny_hybrid(train=True)
-    B, T, cut = 2, 300, 170
-    tokens_BT = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
-    changed_BT = tokens_BT.clone()
-    changed_BT[:, cut:] = torch.randint(0, cfg.vocab_size, (B, T - cut), device="cuda")
-    doc_ids_BT = doc_ids_for(B, T) if docs else None
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        logits, changed = (model(t, doc_ids_BT).float() for t in (tokens_BT, changed_BT))
-    assert torch.equal(logits[:, :cut], changed[:, :cut])
-    assert (logits[:, cut:] - changed[:, cut:]).abs().max() > 0.1  # the change reached the later logits
+    B, T = 2, 300
+    assert_causal(model, cfg.vocab_size, B, T, cut=170, doc_ids_BT=doc_ids_for(B, T) if docs else None)
 
 
 @pytest.mark.slow
@@ -220,18 +221,10 @@ def test_bench_hybrid_is_causal_at_full_size(compiled):
     with the kernels at the sizes and tile counts the benchmark trains with. (On a repeated
     random batch its loss falls far faster than llama-374m's: Mamba-2 memorises it; this rules
     out a read-ahead.)"""
+    torch.manual_seed(0)
     cfg = model_config("hybrid-374m")
     model = build_model(cfg, device="cuda", seed=0).train()
-    forward = torch.compile(model) if compiled else model
-    T, cut = 8192, 4097
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    tokens_BT = torch.randint(0, cfg.vocab_size, (1, T), generator=gen, device="cuda")
-    changed_BT = tokens_BT.clone()
-    changed_BT[:, cut:] = torch.randint(0, cfg.vocab_size, (1, T - cut), generator=gen, device="cuda")
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        logits, changed = (forward(t).float() for t in (tokens_BT, changed_BT))
-    assert torch.equal(logits[:, :cut], changed[:, :cut])
-    assert (logits[:, cut:] - changed[:, cut:]).abs().max() > 0.1
+    assert_causal(torch.compile(model) if compiled else model, cfg.vocab_size, 1, 8192, cut=4097)
 
 
 @pytest.mark.parametrize("docs", [False, True], ids=["rows", "docs"])

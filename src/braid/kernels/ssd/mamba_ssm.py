@@ -66,13 +66,18 @@ EXTRA_CONFIGS = {
     ("ssd_bmm", "_bmm_chunk_fwd_kernel"): [(_M64_N128_K64, 4, 4)],
 }
 
-# A kernel this mamba_ssm lacks (renamed in another version, or a test's stand-in module) is
-# skipped rather than failing the import; the GPU test test_ssd_mamba_ssm_added_configs checks
-# that each config was added.
-for (_module, _kernel), _configs in EXTRA_CONFIGS.items():
-    _autotuner = getattr(sys.modules.get(f"mamba_ssm.ops.triton.{_module}"), _kernel, None)
-    if hasattr(_autotuner, "configs"):
-        add_configs(_autotuner, _configs)
+
+def _add_extra_configs() -> None:
+    """A kernel this mamba_ssm lacks (renamed in another version, or a test's stand-in module)
+    is skipped rather than failing the import; the GPU test test_ssd_mamba_ssm_added_configs
+    checks that each config was added."""
+    for (module, kernel), configs in EXTRA_CONFIGS.items():
+        autotuner = getattr(sys.modules.get(f"mamba_ssm.ops.triton.{module}"), kernel, None)
+        if hasattr(autotuner, "configs"):
+            add_configs(autotuner, configs)
+
+
+_add_extra_configs()
 
 
 def _kernel_layouts(x, B, C):
