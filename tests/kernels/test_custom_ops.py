@@ -1,4 +1,4 @@
-"""The fast backends' custom ops (mamba_ssm, fla and braid's conv), checked on the CPU
+"""The fast backends' custom ops (mamba_ssm, fla, braid's conv and router), checked on the CPU
 through their fake kernels: schema, output shapes and dtypes, and the autograd wiring
 (forward op -> backward op -> gradients for exactly the inputs that need them). Their numbers are the GPU tests' (tests/gpu).
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import sys
 import types
 
@@ -102,6 +103,38 @@ def test_mamba_ssd_op_takes_documents(mamba_ssm_wrapper):
         assert torch.autograd.grad(y.float().sum(), [x])[0].shape == x.shape
 
 
+
+@pytest.mark.parametrize("T,L", [(100, 32), (64, 16)])
+def test_mamba_ssd_decay_grads_follow_mamba_ssms_sums(mamba_ssm_wrapper, T, L):
+    """decay_and_dt_grads (the SSD backward's tail, moved out of the op into the traced backward)
+    against mamba_ssm's definition written out per chunk and position in float64: the last
+    position takes the chunk-to-chunk term, ddA_prev is reverse-cumsummed over the chunk,
+    ddt = ddA * A + ddt_chunks where dt >= 0 (else 0), dA = sum of ddA * dt. (On an interpreted
+    copy of mamba_ssm's `_chunk_cumsum_bwd` kernel, ddt came out bit-identical and dA within
+    7e-8 relative, float32.)"""
+    gen = torch.Generator().manual_seed(T)
+    B, H, nc = 2, 3, -(-T // L)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    ddA_in, ddA_next, ddA_prev, ddt_chunks = (r(B, H, nc, L) for _ in range(4))
+    last = r(B, H, nc)
+    A, dt = -r(H).abs(), r(B, T, H)
+    dt_chunks = torch.nn.functional.pad(dt.clamp(min=0).transpose(1, 2), (0, nc * L - T)).unflatten(-1, (nc, L))
+    ddt, dA = mamba_ssm_wrapper.decay_and_dt_grads(ddA_in, ddA_next, ddA_prev, last, ddt_chunks, dt_chunks, dt, A)
+    want_ddt, want_dA = torch.zeros(B, T, H, dtype=torch.float64), torch.zeros(H, dtype=torch.float64)
+    for b, h, c in itertools.product(range(B), range(H), range(nc)):
+        for l in range(L):
+            t = c * L + l
+            later = ddA_prev[b, h, c, l:].sum() + last[b, h, c]  # every position from l on, and the last's extra term
+            ddA = ddA_in[b, h, c, l] + ddA_next[b, h, c, l] + later
+            if t < T:
+                want_ddt[b, t, h] = 0.0 if dt[b, t, h] < 0 else ddA * A[h] + ddt_chunks[b, h, c, l]
+                want_dA[h] += ddA * dt_chunks[b, h, c, l]
+    torch.testing.assert_close(ddt, want_ddt, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dA, want_dA, rtol=1e-12, atol=1e-12)
+
 @pytest.mark.parametrize("with_state", [True, False])
 def test_fla_conv_op_shapes_and_gradients(with_state):
     module = import_over_stand_ins("braid.kernels.ssd.fla", FLA)
@@ -147,3 +180,15 @@ def test_triton_conv_op_shapes_and_gradients(with_bias):
         wrt = [t for t in (x, weight, bias) if t is not None]
         for grad, leaf in zip(torch.autograd.grad(y.float().sum(), wrt), wrt):
             assert (grad.shape, grad.dtype) == (leaf.shape, leaf.dtype)
+
+
+def test_triton_router_op_shapes_and_gradients():
+    from braid.kernels.moe.router_triton import router_logits_triton
+
+    with FakeTensorMode():
+        x = torch.empty(40, 24, dtype=BF16, requires_grad=True)
+        weight = torch.empty(8, 24, requires_grad=True)
+        logits = router_logits_triton(x, weight)
+        assert (logits.shape, logits.dtype) == ((40, 8), torch.float32)
+        dx, dweight = torch.autograd.grad(logits.sum(), [x, weight])
+        assert (dx.shape, dx.dtype, dweight.shape, dweight.dtype) == (x.shape, BF16, weight.shape, torch.float32)

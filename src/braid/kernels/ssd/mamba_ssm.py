@@ -7,8 +7,8 @@ is registered as an empty shell (its directory, __init__ not run) before importi
 segment number in its row); mamba_ssm carries an initial state into a row's first
 segment only when no seq_idx is given, so doc ids with an initial state stay on the other
 backends (the dispatcher excludes that call). Forward and backward run as custom ops
-(`braid::mamba_ssd`, `braid::mamba_ssd_backward`), opaque but graph-breaking nowhere under
-torch.compile.
+(`braid::mamba_ssd`, `braid::mamba_ssd_backward_kernels`), opaque but graph-breaking nowhere under
+torch.compile; the backward's last sums run as torch ops after it (`decay_and_dt_grads`).
 
 Shape legend: B batch, T time, H heads, P head dim, G groups of B/C, N state dim.
 """
@@ -21,6 +21,7 @@ import sys
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from braid.kernels.autotune import add_configs
@@ -132,13 +133,18 @@ def _(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
     )
 
 
+# The backward op returns the decay's gradient terms unsummed: their sums and the chunk-cumsum
+# backward (mamba_ssm's eager tail, about ten small kernels a layer) run in the traced backward,
+# where inductor fuses them, and dA comes out without atomics. A custom op's name changes with
+# its outputs: inductor's on-disk graph cache knows an op by name, not by its fake, and reused
+# a graph compiled against the earlier outputs (an assert_size_stride failure; H200, 2026-11-29).
 @cuda_op(
-    "mamba_ssd_backward",
+    "mamba_ssd_backward_kernels",
     "(Tensor dout, Tensor? dfinal_states, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
     "Tensor? initial_states, Tensor? seq_idx, Tensor dt_chunks, Tensor dA_cumsum, Tensor states, Tensor CB) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def _mamba_ssd_backward(dout, dfinal_states, x, dt, A, B, C, D, initial_states, seq_idx, dt_chunks, dA_cumsum,
+def _mamba_ssd_backward_kernels(dout, dfinal_states, x, dt, A, B, C, D, initial_states, seq_idx, dt_chunks, dA_cumsum,
                         states, CB):
     x, B, C = _kernel_layouts(x, B, C)
     dout = dout.contiguous()
@@ -166,21 +172,39 @@ def _mamba_ssd_backward(dout, dfinal_states, x, dt, A, B, C, D, initial_states, 
         x, dt_chunks, dA_cumsum, B, CB, dout, dstates, D=D, seq_idx=seq_idx
     )
     join(x.device)
-    # The decay's gradient, three terms: through the chunk-to-chunk passing (its last position),
-    # the states' use in later chunks (a reverse cumsum), and the in-chunk scan.
-    ddA_prev[..., -1] += ddA_chunk_last
-    ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])  # mamba_ssm's order of sums
-    ddt, dA, _ = _combined._chunk_cumsum_bwd(ddA, ddt_chunks, dt, A)
     if dinitial is not None:
         dinitial = dinitial.unflatten(-1, (-1, N))
-    grads = [dx.to(x.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype)]
-    return (*(g.contiguous() for g in grads), optional_grad(dD, D, x), optional_grad(dinitial, initial_states, x))
+    grads = [dx.to(x.dtype), dB.to(B.dtype), dC.to(C.dtype)]
+    return (*(g.contiguous() for g in grads), ddt_chunks, ddA, ddA_next, ddA_prev, ddA_chunk_last,
+            optional_grad(dD, D, x), optional_grad(dinitial, initial_states, x))
 
 
-@_mamba_ssd_backward.register_fake
+@_mamba_ssd_backward_kernels.register_fake
 def _(dout, dfinal_states, x, dt, A, B, C, D, initial_states, seq_idx, dt_chunks, dA_cumsum, states, CB):
-    return (x.new_empty(x.shape), dt.new_empty(dt.shape), A.new_empty(A.shape), B.new_empty(B.shape),
-            C.new_empty(C.shape), optional_fake(D, x), optional_fake(initial_states, x))
+    per_chunk = dt_chunks.new_empty(dt_chunks.shape)
+    return (x.new_empty(x.shape), B.new_empty(B.shape), C.new_empty(C.shape), per_chunk,
+            torch.empty_like(per_chunk), torch.empty_like(per_chunk), torch.empty_like(per_chunk),
+            per_chunk.new_empty(per_chunk.shape[:-1]), optional_fake(D, x), optional_fake(initial_states, x))
+
+
+def decay_and_dt_grads(ddA_in, ddA_next, ddA_prev, ddA_chunk_last, ddt_chunks, dt_chunks, dt, A):
+    """(ddt, dA) from the decay's gradient terms, in plain torch ops: the tail of mamba_ssm's
+    backward (its eager sums and `_chunk_cumsum_bwd` kernel, without dt bias or softplus, which
+    braid applies outside), here in the traced backward so that inductor fuses it.
+
+    The decay's gradient has three terms: the in-chunk scan's (ddA_in), the states' use in later
+    chunks (a reverse cumsum of ddA_prev, whose last position also takes the chunk-to-chunk
+    passing's ddA_chunk_last), and the chunk states' (ddA_next); summed in mamba_ssm's order.
+    All (B, H, chunks, L) float32 but ddA_chunk_last (B, H, chunks); dt (B, T, H) is the op's
+    input and dt_chunks its per-chunk copy (0 past T). dA is summed without atomics, so in a
+    fixed order (mamba_ssm adds per-chunk partials atomically)."""
+    L, T = ddA_prev.shape[-1], dt.shape[1]
+    ddA_prev = ddA_prev + F.pad(ddA_chunk_last.unsqueeze(-1), (L - 1, 0))
+    ddA = ddA_in + (ddA_next + ddA_prev.flip(-1).cumsum(dim=-1).flip(-1))
+    ddt_BHT = (ddA * A.to(ddA.dtype)[:, None, None] + ddt_chunks).flatten(2)[..., :T]
+    ddt_BTH = torch.where(dt < 0, 0.0, ddt_BHT.transpose(1, 2))  # dt was clamped to [0, inf) forward
+    dA_H = (ddA * dt_chunks).sum(dim=(0, 2, 3))
+    return ddt_BTH.to(dt.dtype), dA_H.to(A.dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -190,9 +214,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dfinal_states, *_kept):
     x, dt, A, B, C, D, initial_states, seq_idx, *kept = ctx.saved_tensors
-    dx, ddt, dA, dB, dC, dD, dinitial = torch.ops.braid.mamba_ssd_backward(
-        dout, dfinal_states, x, dt, A, B, C, D, initial_states, seq_idx, *kept
+    dx, dB, dC, ddt_chunks, ddA, ddA_next, ddA_prev, ddA_chunk_last, dD, dinitial = (
+        torch.ops.braid.mamba_ssd_backward_kernels(
+            dout, dfinal_states, x, dt, A, B, C, D, initial_states, seq_idx, *kept
+        )
     )
+    dt_chunks = kept[0]
+    ddt, dA = decay_and_dt_grads(ddA, ddA_next, ddA_prev, ddA_chunk_last, ddt_chunks, dt_chunks, dt, A)
     return dx, ddt, dA, dB, dC, drop_placeholder(dD, D), drop_placeholder(dinitial, initial_states), None, None
 
 
