@@ -34,7 +34,7 @@ from braid.kernels.attention import attention
 from braid.kernels.backend import pick, unavailable_reason, use_backends
 from braid.kernels.cross_entropy import linear_cross_entropy
 from braid.kernels.gla import gla
-from braid.kernels.moe import grouped_swiglu
+from braid.kernels.moe import grouped_swiglu, router_logits
 from braid.kernels.norm import gated_rms_norm, rms_norm
 from braid.kernels.ssd import causal_conv1d, ssd
 from braid.kernels.ssd.conv import causal_conv1d_reference
@@ -404,12 +404,34 @@ def bench_moe(bench: Bench) -> None:
     bench.add("moe", "reference (loop over experts)", shape, make, flops=flops, force="reference")
 
 
+def bench_router(bench: Bench) -> None:
+    """The MoE router's float32 logits from bf16 tokens: braid's Triton kernels against the
+    reference (x cast to float32, cuBLAS's float32 GEMM), forward alone and forward + backward."""
+    N, D = B * T, 1024
+    for E in (8, 64):
+        shape = f"N{N} D{D} E{E} bf16 x, fp32 W"
+        probe = (torch.empty(1, device="cuda"), torch.empty(E, D, device="cuda"))
+
+        def forward_only(E=E):
+            x_ND, w_ED = randn(N, D), torch.randn(E, D, device="cuda") * D**-0.5
+            return lambda: router_logits(x_ND, w_ED)
+
+        def forward_backward(E=E):
+            return fwd_bwd(router_logits, dict(x_ND=randn(N, D), weight_ED=torch.randn(E, D, device="cuda")))
+
+        for name, make in (("fwd", forward_only), ("fwd+bwd", forward_backward)):
+            bench.add("router", f"triton {name}", shape, make, bytes_moved=N * D * 2 * (1 if name == "fwd" else 3),
+                      force="router=triton", backend=("router", "triton", probe))
+            bench.add("router", f"reference {name}", shape, make, force="reference")
+
+
 SECTIONS = {
     "attention": bench_attention,
     "norm": bench_norms,
     "swiglu": bench_swiglu,
     "cross_entropy": bench_cross_entropy,
     "moe": bench_moe,
+    "router": bench_router,
     "conv": bench_conv,
     "gla": bench_gla,
     "ssd": bench_ssd,

@@ -719,3 +719,59 @@ def test_grouped_swiglu(autocast):
         fast = run_with_grads(lambda **kw: grouped_swiglu(counts_E=counts_E, **kw), leaves)
     ref = run_with_grads(lambda **kw: grouped_swiglu_reference(counts_E=counts_E, **kw), leaves)
     assert_parity(fast, ref, BF16_TOL)
+
+
+ROUTER_CASES = [(16384, 1024, 8), (1000, 72, 5), (3, 1024, 64), (129, 256, 16)]  # (N, D, E)
+
+
+def _router_inputs(N: int, D: int, E: int, x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(N + D + E)
+    x_ND = torch.randn(N, D, generator=gen, device="cuda").to(x_dtype)
+    return x_ND, torch.randn(E, D, generator=gen, device="cuda") * D**-0.5
+
+
+@pytest.mark.parametrize("N,D,E", ROUTER_CASES)
+def test_router_logits_triton(N, D, E):
+    """braid's Triton router against float64 products of the same inputs (bf16 x): logits and the
+    weight gradient are float32 sums (EXACT_FP32), dx is rounded to bf16 once; two runs agree
+    bit for bit (fixed tiles, no atomics). float32 x stays on the reference."""
+    require("router", "triton")
+    from braid.kernels.moe import router_logits
+    from braid.kernels.moe.router_triton import supports
+
+    x_ND, weight_ED = _router_inputs(N, D, E, torch.bfloat16)
+    assert not supports(x_ND.float(), weight_ED)
+    dlogits_NE = torch.randn(N, E, device="cuda")
+    runs = []
+    for _ in range(2):
+        x, w = x_ND.clone().requires_grad_(True), weight_ED.clone().requires_grad_(True)
+        with use_backends("router=triton"):
+            logits = router_logits(x, w)
+        logits.backward(dlogits_NE)
+        runs.append((logits.detach(), x.grad, w.grad))
+    logits, dx, dw = runs[0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    x64, w64, dl64 = x_ND.double(), weight_ED.double(), dlogits_NE.double()
+    assert logits.dtype == torch.float32 and dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
+    assert relative_error(logits, x64 @ w64.T) < EXACT_FP32
+    assert relative_error(dw, dl64.T @ x64) < EXACT_FP32
+    assert relative_error(dx, dl64 @ w64) < 1e-2
+
+
+def test_router_logits_triton_stays_float32_when_compiled_under_autocast():
+    """Compiled under bf16 autocast, the router's backward still sums in float32 (the reference's
+    autocast-disabled linear gets a bf16 backward there), in one graph; and the op passes opcheck."""
+    require("router", "triton")
+    from braid.kernels.moe import router_logits
+
+    x_ND, weight_ED = _router_inputs(4096, 1024, 8, torch.bfloat16)
+    dlogits_NE = torch.randn(4096, 8, device="cuda")
+    w = weight_ED.clone().requires_grad_(True)
+    with use_backends("router=triton"):
+        compiled = torch.compile(router_logits, fullgraph=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = compiled(x_ND, w)
+        logits.backward(dlogits_NE)
+        torch.library.opcheck(torch.ops.braid.router_logits.default, (x_ND, weight_ED.requires_grad_(True)))
+    assert logits.dtype == torch.float32
+    assert relative_error(w.grad, dlogits_NE.double().T @ x_ND.double()) < EXACT_FP32

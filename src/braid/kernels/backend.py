@@ -46,6 +46,7 @@ FAST_BACKENDS: dict[str, tuple[str, ...]] = {
     "swiglu": ("liger",),
     "cross_entropy": ("liger",),
     "moe": ("grouped_mm",),
+    "router": ("triton",),
 }
 BACKEND_MODULES: dict[tuple[str, str], str] = {
     ("ssd", "fla"): "braid.kernels.ssd.fla",
@@ -66,11 +67,12 @@ BACKEND_MODULES: dict[tuple[str, str], str] = {
     ("swiglu", "liger"): "braid.kernels.swiglu.liger",
     ("cross_entropy", "liger"): "braid.kernels.cross_entropy.liger",
     ("moe", "grouped_mm"): "braid.kernels.moe.grouped_mm",
+    ("router", "triton"): "braid.kernels.moe.router_triton",
 }
 FUSED_BY_COMPILE = frozenset({"norm", "gated_norm", "swiglu"})
 # Backends that run only when forced (e.g. BRAID_KERNELS="conv=triton"), not under auto: a new
-# kernel waits here until its GPU parity test and a benchmark have run. None at present.
-OPT_IN: frozenset[tuple[str, str]] = frozenset()
+# kernel waits here until its GPU parity test and a benchmark have run.
+OPT_IN: frozenset[tuple[str, str]] = frozenset({("router", "triton")})
 
 _settings: dict[str, str] = {}
 _default = [AUTO]

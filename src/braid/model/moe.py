@@ -22,10 +22,9 @@ N tokens (B*T), S routed slots (N*K), X packed statistics (2E + 2).
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from braid.kernels.moe import grouped_swiglu
+from braid.kernels.moe import grouped_swiglu, router_logits
 from braid.model.config import MoEConfig
 from braid.model.mlp import SwiGLU
 
@@ -182,10 +181,8 @@ class MoE(nn.Module):
 
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_ND: (N, D) -> logits_NE, scores_NE (float32, float64 for float64 x), experts_NK, gates_NK."""
-        router_dtype = torch.promote_types(x_ND.dtype, torch.float32)
-        # Autocast off: it would run the linear, and so the logits, in bfloat16.
-        with torch.autocast(x_ND.device.type, enabled=False):
-            logits_NE = F.linear(x_ND.to(router_dtype), self.router.weight.to(router_dtype))
+        logits_NE = router_logits(x_ND, self.router.weight)
+        router_dtype = logits_NE.dtype
         if self.cfg.score == "softmax":
             scores_NE = logits_NE.softmax(dim=-1)
         else:

@@ -1,7 +1,10 @@
-"""Grouped SwiGLU for dropless mixture-of-experts: each expert runs on its contiguous slice.
+"""Grouped SwiGLU for dropless mixture-of-experts (each expert runs on its contiguous slice),
+and the router's float32 logits.
 
-On a Hopper GPU with bf16 compute it runs all experts as grouped GEMMs (torch._grouped_mm,
-braid.kernels.moe.grouped_mm), elsewhere the loop over experts (the reference).
+On a Hopper GPU with bf16 compute the experts run as grouped GEMMs (torch._grouped_mm,
+braid.kernels.moe.grouped_mm), elsewhere as the loop over experts (the reference). The
+router's logits run on braid's Triton kernels (braid.kernels.moe.router_triton) on CUDA for
+bf16 tokens and up to 64 experts, elsewhere as a float32 linear with autocast off (the reference).
 
 Legend: N rows sorted by expert, D model dim, F expert hidden dim, E experts.
 """
@@ -9,9 +12,9 @@ Legend: N rows sorted by expert, D model dim, F expert hidden dim, E experts.
 import torch
 
 from braid.kernels.backend import backend_module, pick
-from braid.kernels.moe.reference import grouped_swiglu_reference
+from braid.kernels.moe.reference import grouped_swiglu_reference, router_logits_reference
 
-__all__ = ["grouped_swiglu"]
+__all__ = ["grouped_swiglu", "router_logits", "router_logits_reference"]
 
 
 def grouped_swiglu(
@@ -60,3 +63,19 @@ def _check_shapes(x_sorted_ND, counts_E, w1_EDF, w3_EDF, w2_EFD) -> None:
             f"grouped_swiglu: counts_E must be an integer tensor of shape ({num_experts},), "
             f"got {counts_E.dtype} of shape {tuple(counts_E.shape)}"
         )
+
+
+def router_logits(x_ND: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+    """logits_NE = x_ND weight_EDᵀ, computed and returned in float32 (float64 for float64 x)
+    whatever the autocast state, forward and backward; the gradients come back in the inputs'
+    dtypes. x_ND: (N, D) tokens, weight_ED: (E, D) router weight."""
+    if x_ND.ndim != 2 or weight_ED.ndim != 2 or x_ND.shape[1] != weight_ED.shape[1]:
+        raise ValueError(
+            f"router_logits: x must be (tokens, d_model) and weight (experts, d_model); got "
+            f"{tuple(x_ND.shape)} and {tuple(weight_ED.shape)}"
+        )
+    if pick("router", x_ND, weight_ED) == "triton":
+        router = backend_module("router", "triton")
+        if router.supports(x_ND, weight_ED):
+            return router.router_logits_triton(x_ND, weight_ED)
+    return router_logits_reference(x_ND, weight_ED)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch grouped SwiGLU over experts (the CPU path and the test oracle).
+"""Pure-PyTorch grouped SwiGLU over experts and router logits (the CPU path and the test oracle).
 
 Legend: N rows sorted by expert, D model dim, F expert hidden dim, E experts.
 """
@@ -27,3 +27,11 @@ def grouped_swiglu_reference(
         h_nF = F.silu(x_nD @ w1_EDF[e].to(compute_dtype)) * (x_nD @ w3_EDF[e].to(compute_dtype))
         pieces.append(h_nF @ w2_EFD[e].to(compute_dtype))
     return torch.cat(pieces).to(x_sorted_ND.dtype)
+
+
+def router_logits_reference(x_ND: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ in float32 (float64 for float64 x), with autocast off: under bf16 autocast it would
+    run the linear, and so the logits, in bfloat16."""
+    dtype = torch.promote_types(x_ND.dtype, torch.float32)
+    with torch.autocast(x_ND.device.type, enabled=False):
+        return F.linear(x_ND.to(dtype), weight_ED.to(dtype))
