@@ -51,7 +51,7 @@ import torch
 
 from braid.configs import MODEL_CONFIGS
 from braid.configs.bench import BENCH_CONFIGS
-from braid.kernels.backend import current_spec, probe_all, use_backends
+from braid.kernels.backend import current_spec, probe_all, report, use_backends
 from braid.kernels.cross_entropy import linear_cross_entropy
 from braid.model import ModelConfig, build_model, flops_per_token, num_params
 from braid.train.config import apply_overrides
@@ -397,6 +397,8 @@ def main(argv=None) -> None:
     kernels = use_backends(args.kernels) if args.kernels else contextlib.nullcontext()
     with kernels:
         print(f"# {card_name(args.device)}, seq {args.seq_len}, batch {args.batch_size}, kernels {current_spec()}")
+        if args.device == "cuda":  # a backend missing on this machine changes what is measured: say so
+            print("\n".join(f"#   {line}" for line in report()), flush=True)
         for role, job in jobs:
             started = time.time()
             try:
