@@ -405,25 +405,27 @@ def bench_moe(bench: Bench) -> None:
 
 
 def bench_router(bench: Bench) -> None:
-    """The MoE router's float32 logits from bf16 tokens: braid's Triton kernels against the
-    reference (x cast to float32, cuBLAS's float32 GEMM), forward alone and forward + backward."""
+    """The MoE router's float32 logits: braid's Triton kernels against the reference (x cast to
+    float32, cuBLAS's float32 GEMM), forward alone and forward + backward; bf16 tokens, and
+    float32 ones (hybrid-374m's MoE input, the normed float32 residual)."""
     N, D = B * T, 1024
-    for E in (8, 64):
-        shape = f"N{N} D{D} E{E} bf16 x, fp32 W"
+    for E, x_dtype in ((8, BF16), (64, BF16), (8, torch.float32)):
+        shape = f"N{N} D{D} E{E} {str(x_dtype).removeprefix('torch.')} x, fp32 W"
         probe = (torch.empty(1, device="cuda"), torch.empty(E, D, device="cuda"))
 
-        def forward_only(E=E):
-            x_ND, w_ED = randn(N, D), torch.randn(E, D, device="cuda") * D**-0.5
+        def forward_only(E=E, x_dtype=x_dtype):
+            x_ND, w_ED = randn(N, D, dtype=x_dtype), torch.randn(E, D, device="cuda") * D**-0.5
             return lambda: router_logits(x_ND, w_ED)
 
-        def forward_backward(E=E):
-            return fwd_bwd(router_logits, dict(x_ND=randn(N, D), weight_ED=torch.randn(E, D, device="cuda")))
+        def forward_backward(E=E, x_dtype=x_dtype):
+            leaves = dict(x_ND=randn(N, D, dtype=x_dtype), weight_ED=torch.randn(E, D, device="cuda"))
+            return fwd_bwd(router_logits, leaves)
 
+        x_bytes = N * D * x_dtype.itemsize
         for name, make in (("fwd", forward_only), ("fwd+bwd", forward_backward)):
-            bench.add("router", f"triton {name}", shape, make, bytes_moved=N * D * 2 * (1 if name == "fwd" else 3),
+            bench.add("router", f"triton {name}", shape, make, bytes_moved=x_bytes * (1 if name == "fwd" else 3),
                       force="router=triton", backend=("router", "triton", probe))
             bench.add("router", f"reference {name}", shape, make, force="reference")
-
 
 SECTIONS = {
     "attention": bench_attention,

@@ -731,16 +731,15 @@ def _router_inputs(N: int, D: int, E: int, x_dtype: torch.dtype) -> tuple[torch.
 
 
 @pytest.mark.parametrize("N,D,E", ROUTER_CASES)
-def test_router_logits_triton(N, D, E):
-    """braid's Triton router against float64 products of the same inputs (bf16 x): logits and the
-    weight gradient are float32 sums (EXACT_FP32), dx is rounded to bf16 once; two runs agree
-    bit for bit (fixed tiles, no atomics). float32 x stays on the reference."""
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_router_logits_triton(N, D, E, x_dtype):
+    """braid's Triton router against float64 products of the same inputs: logits, the weight
+    gradient and a float32 dx are float32 sums (EXACT_FP32), a bf16 dx is rounded once; two runs
+    agree bit for bit (fixed tiles, no atomics)."""
     require("router", "triton")
     from braid.kernels.moe import router_logits
-    from braid.kernels.moe.router_triton import supports
 
-    x_ND, weight_ED = _router_inputs(N, D, E, torch.bfloat16)
-    assert not supports(x_ND.float(), weight_ED)
+    x_ND, weight_ED = _router_inputs(N, D, E, x_dtype)
     dlogits_NE = torch.randn(N, E, device="cuda")
     runs = []
     for _ in range(2):
@@ -752,10 +751,10 @@ def test_router_logits_triton(N, D, E):
     logits, dx, dw = runs[0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
     x64, w64, dl64 = x_ND.double(), weight_ED.double(), dlogits_NE.double()
-    assert logits.dtype == torch.float32 and dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
+    assert logits.dtype == torch.float32 and dx.dtype == x_dtype and dw.dtype == torch.float32
     assert relative_error(logits, x64 @ w64.T) < EXACT_FP32
     assert relative_error(dw, dl64.T @ x64) < EXACT_FP32
-    assert relative_error(dx, dl64 @ w64) < 1e-2
+    assert relative_error(dx, dl64 @ w64) < (EXACT_FP32 if x_dtype == torch.float32 else 1e-2)
 
 
 def test_router_logits_triton_stays_float32_when_compiled_under_autocast():

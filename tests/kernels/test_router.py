@@ -2,9 +2,9 @@
 by Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 in a child process), and the
 `router_logits` entry point's checks and CPU path.
 
-Tolerances: the logits and the weight gradient are float32 sums of exact products (x bf16 times
-a three-part bf16 split of a float32 value), 1e-5 relative to float64; dx in bfloat16 is
-rounded once, 1e-2 (a bf16 ulp is 2**-8).
+Tolerances: the logits, the weight gradient and a float32 dx are float32 sums of exact bf16 part
+products that leave out terms below 2**-24 of the whole, 1e-5 relative to float64; dx in
+bfloat16 is rounded once, 1e-2 (a bf16 ulp is 2**-8).
 """
 
 from __future__ import annotations
@@ -24,32 +24,30 @@ CASES = [  # (N, D, E)
 
 
 def check_interpreted_router_kernels() -> None:
-    """Run in the child process: every CASES case (bf16 x, float32 weight); float32 x is not the
-    kernels' call."""
+    """Run in the child process: every CASES case with bf16 and float32 x (float32 weight)."""
     import triton
 
     from braid.kernels.moe.router_triton import router_backward, router_forward, supports
 
     assert triton.knobs.runtime.interpret, "TRITON_INTERPRET=1 must be set before triton is imported"
-    assert not supports(torch.zeros(2, 4), torch.zeros(3, 4))
     for N, D, E in CASES:
-        gen = torch.Generator().manual_seed(N + D + E)
-        x = torch.randn(N, D, generator=gen).to(torch.bfloat16)
-        weight = torch.randn(E, D, generator=gen)
-        dlogits = torch.randn(N, E, generator=gen)
-        assert supports(x, weight)
-        x64, w64, dl64 = x.double(), weight.double(), dlogits.double()
-        logits = router_forward(x, weight)
-        dx, dweight = router_backward(dlogits, x, weight)
-        assert logits.dtype == torch.float32 and dx.dtype == torch.bfloat16 and dweight.dtype == weight.dtype
-        assert relative_error(logits, x64 @ w64.T) < 1e-5, relative_error(logits, x64 @ w64.T)
-        assert relative_error(dweight, dl64.T @ x64) < 1e-5, relative_error(dweight, dl64.T @ x64)
-        assert relative_error(dx, dl64 @ w64) < 1e-2, relative_error(dx, dl64 @ w64)
-        print(f"ok N={N} D={D} E={E}")
-
+        for x_dtype, dx_tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+            gen = torch.Generator().manual_seed(N + D + E)
+            x = torch.randn(N, D, generator=gen).to(x_dtype)
+            weight = torch.randn(E, D, generator=gen)
+            dlogits = torch.randn(N, E, generator=gen)
+            assert supports(x, weight)
+            x64, w64, dl64 = x.double(), weight.double(), dlogits.double()
+            logits = router_forward(x, weight)
+            dx, dweight = router_backward(dlogits, x, weight)
+            assert logits.dtype == torch.float32 and dx.dtype == x_dtype and dweight.dtype == weight.dtype
+            assert relative_error(logits, x64 @ w64.T) < 1e-5, relative_error(logits, x64 @ w64.T)
+            assert relative_error(dweight, dl64.T @ x64) < 1e-5, relative_error(dweight, dl64.T @ x64)
+            assert relative_error(dx, dl64 @ w64) < dx_tol, relative_error(dx, dl64 @ w64)
+            print(f"ok N={N} D={D} E={E} {x_dtype}")
 
 def test_triton_router_kernels_match_float64_interpreted():
-    run_interpreted("tests.kernels.test_router:check_interpreted_router_kernels", len(CASES))
+    run_interpreted("tests.kernels.test_router:check_interpreted_router_kernels", 2 * len(CASES))
 
 
 def test_router_logits_are_float32_under_autocast_on_the_cpu():

@@ -4,7 +4,7 @@ and the router's float32 logits.
 On a Hopper GPU with bf16 compute the experts run as grouped GEMMs (torch._grouped_mm,
 braid.kernels.moe.grouped_mm), elsewhere as the loop over experts (the reference). The
 router's logits run on braid's Triton kernels (braid.kernels.moe.router_triton) on CUDA for
-bf16 tokens and up to 64 experts, elsewhere as a float32 linear with autocast off (the reference).
+up to 64 experts when named (opt-in), elsewhere as a float32 linear with autocast off (the reference).
 
 Legend: N rows sorted by expert, D model dim, F expert hidden dim, E experts.
 """

@@ -1,13 +1,15 @@
-"""The MoE router's float32 logits as Triton kernels: bf16 tensor-core dots on a split weight.
+"""The MoE router's float32 logits as Triton kernels: bf16 tensor-core dots on split operands.
 
 A router has few experts (E <= MAX_EXPERTS here), so logits = x Wᵀ is a skinny product bound by
-reading x. cuBLAS runs it as a float32 SIMT GEMM on an x first materialised in float32 (0.099 ms
-with the cast at B2 T8192, D1024, E8 on an H200). Here x stays bf16 and W (float32) is split
-into three bf16 parts, W = W₁ + W₂ + W₃ (each the bf16 rounding of what the earlier ones leave):
-bf16 products are exact in float32 and the dots accumulate in float32, so x W₁ᵀ + x W₂ᵀ + x W₃ᵀ
-is the float32 product up to float32 rounding (a 24-bit split of a 24-bit mantissa). The
-backward splits dlogits the same way for dW (three dots against x, exact in bf16), and uses
-three of the four hi/lo cross terms for dx, which is rounded to bf16 anyway (error ~2**-16).
+reading x. cuBLAS runs it as a float32 SIMT GEMM, on an x materialised in float32 (0.099 ms
+with the cast from bf16 at B2 T8192, D1024, E8 on an H200). Here each float32 operand is split
+into three bf16 parts, v = v₁ + v₂ + v₃ (each the bf16 rounding of what the earlier ones
+leave; 24 bits in all, a float32 mantissa): bf16 products are exact in float32 and the dots
+accumulate in float32. A bf16 x is exact as it is, so its logits take three dots, x W₁ᵀ + x W₂ᵀ
++ x W₃ᵀ; a float32 (or float16) x is split as well, and the logits take the six part products
+above 2**-24 of the whole (`_split_product`). The backward splits dlogits the same way: dW from
+three dots against a bf16 x (six against a split one); dx from the six products, or from three
+(error ~2**-16) when it is rounded to bf16 anyway.
 The tiles are fixed, not autotuned: the order of a sum follows the tiles, so a timing-picked
 config could change the logits' last bits (and a top-k tie) from one run to the next.
 
@@ -45,9 +47,9 @@ TARGET_PARTS = 64
 
 
 def supports(x_ND: Tensor, weight_ED: Tensor) -> bool:
-    """bf16 x (exact in the dots' bf16 inputs), a floating weight, at most MAX_EXPERTS experts."""
+    """A float16/bfloat16/float32 x and weight, at most MAX_EXPERTS experts."""
     return (
-        x_ND.dtype == torch.bfloat16
+        x_ND.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and weight_ED.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and weight_ED.shape[0] <= MAX_EXPERTS
     )
@@ -72,8 +74,20 @@ def _dot(a, b, acc, IEEE_F32: tl.constexpr):
 
 
 @triton.jit
-def _router_fwd_kernel(X, W, OUT, N, D, E, stride_xn, stride_we, EP: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_F32: tl.constexpr):
+def _split_product(a1, a2, a3, b1, b2, b3, acc, IEEE_F32: tl.constexpr):
+    """acc + a b for a = a1 + a2 + a3 and b = b1 + b2 + b3 split by _split3: the six part
+    products above 2**-24 of the whole, largest first."""
+    acc = _dot(a1, b1, acc, IEEE_F32)
+    acc = _dot(a1, b2, acc, IEEE_F32)
+    acc = _dot(a2, b1, acc, IEEE_F32)
+    acc = _dot(a1, b3, acc, IEEE_F32)
+    acc = _dot(a3, b1, acc, IEEE_F32)
+    return _dot(a2, b2, acc, IEEE_F32)
+
+
+@triton.jit
+def _router_fwd_kernel(X, W, OUT, N, D, E, stride_xn, stride_we, EP: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, X_SPLIT: tl.constexpr, IEEE_F32: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     experts = tl.arange(0, EP)
     row_ok, expert_ok = rows < N, experts < E
@@ -85,22 +99,27 @@ def _router_fwd_kernel(X, W, OUT, N, D, E, stride_xn, stride_we, EP: tl.constexp
         w_DE = tl.load(W + experts[None, :] * stride_we + cols[:, None], mask=expert_ok[None, :] & col_ok[:, None],
                        other=0.0).to(tl.float32)
         w1, w2, w3 = _split3(w_DE)
-        acc = _dot(x, w1, acc, IEEE_F32)
-        acc = _dot(x, w2, acc, IEEE_F32)
-        acc = _dot(x, w3, acc, IEEE_F32)
+        if X_SPLIT:  # float32 or float16 x: split too
+            x1, x2, x3 = _split3(x.to(tl.float32))
+            acc = _split_product(x1, x2, x3, w1, w2, w3, acc, IEEE_F32)
+        else:  # bf16 x is exact in the dots
+            acc = _dot(x, w1, acc, IEEE_F32)
+            acc = _dot(x, w2, acc, IEEE_F32)
+            acc = _dot(x, w3, acc, IEEE_F32)
     tl.store(OUT + rows[:, None] * E + experts[None, :], acc, mask=row_ok[:, None] & expert_ok[None, :])
 
 
 @triton.jit
 def _router_bwd_kernel(X, W, DL, DX, DW_PART, N, D, E, stride_xn, stride_we, stride_dxn, ROWS_PER_PART,
-                       EP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_F32: tl.constexpr):
+                       EP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_SPLIT: tl.constexpr,
+                       IEEE_F32: tl.constexpr):
     """Program (part p, column block): dx for its rows and columns, and the part's dW columns."""
     part, cols = tl.program_id(0), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     experts = tl.arange(0, EP)
     col_ok, expert_ok = cols < D, experts < E
     w = tl.load(W + experts[:, None] * stride_we + cols[None, :], mask=expert_ok[:, None] & col_ok[None, :],
                 other=0.0).to(tl.float32)
-    w1, w2, _ = _split3(w)
+    w1, w2, w3 = _split3(w)
     dw = tl.zeros((EP, BLOCK_D), dtype=tl.float32)
     for n0 in range(part * ROWS_PER_PART, tl.minimum(part * ROWS_PER_PART + ROWS_PER_PART, N), BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
@@ -109,14 +128,19 @@ def _router_bwd_kernel(X, W, DL, DX, DW_PART, N, D, E, stride_xn, stride_we, str
                      other=0.0).to(tl.float32)
         x = tl.load(X + rows[:, None] * stride_xn + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         dl1, dl2, dl3 = _split3(dl)
-        dx = _dot(dl1, w1, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), IEEE_F32)
-        dx = _dot(dl1, w2, dx, IEEE_F32)
-        dx = _dot(dl2, w1, dx, IEEE_F32)
+        if X_SPLIT:  # float32 or float16 x: dx at float32 accuracy, x split for dW
+            dx = _split_product(dl1, dl2, dl3, w1, w2, w3, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), IEEE_F32)
+            x1, x2, x3 = _split3(x.to(tl.float32))
+            dw = _split_product(tl.trans(dl1), tl.trans(dl2), tl.trans(dl3), x1, x2, x3, dw, IEEE_F32)
+        else:  # bf16 x: dx is rounded to bf16 (three terms, ~2**-16), bf16 x is exact for dW
+            dx = _dot(dl1, w1, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), IEEE_F32)
+            dx = _dot(dl1, w2, dx, IEEE_F32)
+            dx = _dot(dl2, w1, dx, IEEE_F32)
+            dw = _dot(tl.trans(dl1), x, dw, IEEE_F32)
+            dw = _dot(tl.trans(dl2), x, dw, IEEE_F32)
+            dw = _dot(tl.trans(dl3), x, dw, IEEE_F32)
         tl.store(DX + rows[:, None] * stride_dxn + cols[None, :], dx.to(DX.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
-        dw = _dot(tl.trans(dl1), x, dw, IEEE_F32)
-        dw = _dot(tl.trans(dl2), x, dw, IEEE_F32)
-        dw = _dot(tl.trans(dl3), x, dw, IEEE_F32)
     tl.store(DW_PART + part * EP * D + experts[:, None] * D + cols[None, :], dw,
              mask=expert_ok[:, None] & col_ok[None, :])
 
@@ -136,13 +160,14 @@ def _padded(num_experts: int) -> int:
 
 
 def router_forward(x_ND: Tensor, weight_ED: Tensor) -> Tensor:
-    """logits_NE = x Wᵀ in float32 (x bf16)."""
+    """logits_NE = x Wᵀ in float32."""
     x_ND, weight_ED = _rows_contiguous(x_ND), _rows_contiguous(weight_ED)
     (N, D), E = x_ND.shape, weight_ED.shape[0]
     logits_NE = torch.empty((N, E), device=x_ND.device, dtype=torch.float32)
     _router_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
         x_ND, weight_ED, logits_NE, N, D, E, x_ND.stride(0), weight_ED.stride(0),
-        EP=_padded(E), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, IEEE_F32=_interpreted(), num_warps=4,
+        EP=_padded(E), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, X_SPLIT=x_ND.dtype != torch.bfloat16,
+        IEEE_F32=_interpreted(), num_warps=4,
     )
     return logits_NE
 
@@ -158,7 +183,8 @@ def router_backward(dlogits_NE: Tensor, x_ND: Tensor, weight_ED: Tensor) -> tupl
     dw_PED = torch.empty((parts, EP, D), device=x_ND.device, dtype=torch.float32)
     _router_bwd_kernel[(parts, triton.cdiv(D, BLOCK_D))](
         x_ND, weight_ED, dlogits_NE.float(), dx_ND, dw_PED, N, D, E, x_ND.stride(0), weight_ED.stride(0),
-        dx_ND.stride(0), rows_per_part, EP=EP, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, IEEE_F32=_interpreted(), num_warps=4,
+        dx_ND.stride(0), rows_per_part, EP=EP, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, X_SPLIT=x_ND.dtype != torch.bfloat16,
+        IEEE_F32=_interpreted(), num_warps=4,
     )
     return dx_ND, dw_PED[:, :E].sum(0).to(weight_ED.dtype)
 
