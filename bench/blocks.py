@@ -10,7 +10,11 @@ a CUDA graph and replayed, so the time is the GPU's (no launch gaps). Each row g
 of one sublayer, how many the config has, their total, its TFLOP/s by braid.model.flops'
 count (matmuls plus the mixer's sequence work, as MFU counts them) and the share of the
 989 TFLOP/s peak, and the sublayer's top kernels (summed by name, with counts) from a
-profiled replay. Kernels that run at the same time on two streams (the SSD and GLA
+profiled replay. With `--against SPEC` each sublayer is also captured under a second
+BRAID_KERNELS spec, and the two graphs are timed in alternation (`--rounds` rounds), so that
+drift between runs (the same MoE block measured 2.093 and 2.148 ms in two runs of one call,
+docs/benchmarks.md, thirteenth measurement) falls on both alike; the row then gives both
+medians and their ratio with its per-round range. Kernels that run at the same time on two streams (the SSD and GLA
 backwards, braid.kernels.streams) each count their own time, so a sublayer's kernel rows
 can add up to more than its ms; BRAID_SIDE_STREAM=0 times them one at a time. The totals
 add up to the model's blocks; embedding, head, loss and optimizer are not included.
@@ -75,6 +79,28 @@ def graphed_fwd_bwd(kind: str, norm, module, x_BTD, compile_: bool):
     return cuda_graph(run)
 
 
+def interleaved(replays: list, rounds: int, time_one=None) -> list[list[float]]:
+    """Per-round times of each replay function, timed in alternation: rounds x len(replays) ms.
+
+    time_one(fn) -> ms defaults to a median of triton.testing.do_bench."""
+    if time_one is None:
+        def time_one(fn):
+            return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+    return [[time_one(fn) for fn in replays] for _ in range(rounds)]
+
+
+def ab_summary(times: list[list[float]]) -> tuple[float, float, float, float, float]:
+    """(median A ms, median B ms, B/A of the medians, lowest and highest per-round B/A)."""
+    def median(values):
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+    a, b = median([t[0] for t in times]), median([t[1] for t in times])
+    ratios = [t[1] / t[0] for t in times]
+    return a, b, b / a, min(ratios), max(ratios)
+
+
 def top_kernels(graph, rows: int) -> list[tuple[str, int, float]]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -103,6 +129,9 @@ def main(argv=None) -> None:
     parser.add_argument("--eager", action="store_true", help="do not torch.compile the sublayers")
     parser.add_argument("--rows", type=int, default=12, help="kernels listed per sublayer")
     parser.add_argument("--only", default=None, help="comma list of sublayer kinds, e.g. ffn:moe,mixer:mamba2")
+    parser.add_argument("--against", default=None,
+                        help="a second BRAID_KERNELS spec, timed in alternation with --kernels (an A/B)")
+    parser.add_argument("--rounds", type=int, default=9, help="alternations of an --against A/B")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/blocks.py needs a CUDA device")
@@ -121,7 +150,16 @@ def main(argv=None) -> None:
                 continue
             x_BTD = torch.randn(args.batch_size, args.seq_len, cfg.d_model, device="cuda", requires_grad=True)
             graph = graphed_fwd_bwd(kind, norm, module, x_BTD, not args.eager)
-            ms = triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median")
+            if args.against:
+                torch._dynamo.reset()  # the second spec compiles its own graph (the first stays captured)
+                with use_backends(args.against):
+                    other = graphed_fwd_bwd(kind, norm, module, x_BTD, not args.eager)
+                ms, other_ms, ratio, low, high = ab_summary(interleaved([graph.replay, other.replay], args.rounds))
+                print(f"\n## {kind} A/B: {args.kernels} {ms:.3f} ms, {args.against} {other_ms:.3f} ms, "
+                      f"B/A {ratio:.3f} (rounds {low:.3f}-{high:.3f})", flush=True)
+                del other
+            else:
+                ms = triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median")
             total += ms * count
             # braid.model.flops' count: forward FLOPs per token, x3 for forward + backward
             flops = 3 * layer_flops(cfg, spec, args.seq_len)[kind.split(":")[0]] * args.batch_size * args.seq_len

@@ -188,3 +188,19 @@ def test_autotune_sweep_widens_with_the_librarys_block_values_and_finds_wrapped_
     module.wrapped, module.other = wrapped, 3
     found = sweep.autotuners([module])
     assert list(found) == ["wrapped"] and found["wrapped"].configs == library[:2]
+
+
+def test_blocks_ab_times_the_two_graphs_in_alternation_and_summarises_rounds():
+    blocks = load_script("blocks")
+    calls = []
+    fake_ms = iter([1.0, 1.10, 1.02, 1.05, 0.98, 1.00])
+
+    def time_one(fn):
+        calls.append(fn)
+        return next(fake_ms)
+
+    times = blocks.interleaved(["A", "B"], rounds=3, time_one=time_one)
+    assert calls == ["A", "B", "A", "B", "A", "B"]
+    a, b, ratio, low, high = blocks.ab_summary(times)
+    assert (a, b) == (1.0, 1.05) and abs(ratio - 1.05) < 1e-12
+    assert abs(low - 1.0 / 0.98) < 1e-12 and abs(high - 1.10) < 1e-12
