@@ -45,6 +45,9 @@ def check_interpreted_router_kernels() -> None:
             assert relative_error(dweight, dl64.T @ x64) < 1e-5, relative_error(dweight, dl64.T @ x64)
             assert relative_error(dx, dl64 @ w64) < dx_tol, relative_error(dx, dl64 @ w64)
             print(f"ok N={N} D={D} E={E} {x_dtype}")
+    logits = router_forward(torch.zeros(0, 8), torch.ones(3, 8))  # a rank with no tokens
+    dx, dweight = router_backward(torch.zeros(0, 3), torch.zeros(0, 8), torch.ones(3, 8))
+    assert logits.shape == (0, 3) and dx.shape == (0, 8) and torch.equal(dweight, torch.zeros(3, 8))
 
 def test_triton_router_kernels_match_float64_interpreted():
     run_interpreted("tests.kernels.test_router:check_interpreted_router_kernels", 2 * len(CASES))

@@ -164,6 +164,8 @@ def router_forward(x_ND: Tensor, weight_ED: Tensor) -> Tensor:
     x_ND, weight_ED = _rows_contiguous(x_ND), _rows_contiguous(weight_ED)
     (N, D), E = x_ND.shape, weight_ED.shape[0]
     logits_NE = torch.empty((N, E), device=x_ND.device, dtype=torch.float32)
+    if N == 0:  # a rank with no tokens
+        return logits_NE
     _router_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
         x_ND, weight_ED, logits_NE, N, D, E, x_ND.stride(0), weight_ED.stride(0),
         EP=_padded(E), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, X_SPLIT=x_ND.dtype != torch.bfloat16,
@@ -177,6 +179,8 @@ def router_backward(dlogits_NE: Tensor, x_ND: Tensor, weight_ED: Tensor) -> tupl
     x_ND, weight_ED, dlogits_NE = _rows_contiguous(x_ND), _rows_contiguous(weight_ED), dlogits_NE.contiguous()
     (N, D), E = x_ND.shape, weight_ED.shape[0]
     EP = _padded(E)
+    if N == 0:
+        return torch.empty_like(x_ND), torch.zeros_like(weight_ED)
     rows_per_part = triton.cdiv(triton.cdiv(N, TARGET_PARTS), BLOCK_N) * BLOCK_N  # whole steps per part
     parts = triton.cdiv(N, rows_per_part)
     dx_ND = torch.empty((N, D), device=x_ND.device, dtype=x_ND.dtype)
