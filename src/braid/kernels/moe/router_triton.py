@@ -14,8 +14,9 @@ The tiles are fixed, not autotuned: the order of a sum follows the tiles, so a t
 config could change the logits' last bits (and a top-k tie) from one run to the next.
 
 (Plain multiply-adds, `tl.sum(x[:, None, :] * w[None, :, :], 2)`, took 0.124-0.172 ms: slower
-than cuBLAS. And Triton rewrites the broadcast-multiply-sum of dx, `sum(dl[:, :, None] *
-w[None], 1)`, into a dot in TF32, which left float32 dx 8e-4 off; H200, 2026-11-29.)
+than cuBLAS. Their float32 dx, `sum(dl[:, :, None] * w[None], 1)`, was 8e-4 off, TF32's size of
+error: by inference, Triton made that pattern a dot at its default TF32 precision; H200,
+2026-11-29.)
 
 As custom ops they are also opaque to autocast. torch.compile traces the backward of an
 autocast-disabled linear under the forward's autocast, so in a compiled bf16 step the
