@@ -78,7 +78,8 @@ def _ssd_case(cfg, batch: int, seq_len: int):
     m = cfg.mamba2
     H, P, G, N = m.expand * cfg.d_model // m.head_dim, m.head_dim, m.n_groups, m.d_state
     kw = dict(device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    x, B, C = torch.randn(batch, seq_len, H, P, **kw), torch.randn(batch, seq_len, G, N, **kw), torch.randn(batch, seq_len, G, N, **kw)
+    x = torch.randn(batch, seq_len, H, P, **kw)
+    B, C = (torch.randn(batch, seq_len, G, N, **kw) for _ in range(2))
     dt = F.softplus(torch.randn(batch, seq_len, H, device="cuda") - 2).requires_grad_()
     A = (-torch.rand(H, device="cuda") * 4 - 0.5).requires_grad_()
     D = torch.randn(H, device="cuda", requires_grad=True)
@@ -104,7 +105,8 @@ def _gla_case(cfg, batch: int, seq_len: int):
     H = g_cfg.num_heads
     K, V = g_cfg.key_dim(cfg.d_model) // H, g_cfg.value_dim(cfg.d_model) // H
     kw = dict(device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    q, k, v = torch.randn(batch, seq_len, H, K, **kw), torch.randn(batch, seq_len, H, K, **kw), torch.randn(batch, seq_len, H, V, **kw)
+    q, k = (torch.randn(batch, seq_len, H, K, **kw) for _ in range(2))
+    v = torch.randn(batch, seq_len, H, V, **kw)
     g = (F.logsigmoid(torch.randn(batch, seq_len, H, K, device="cuda")) / g_cfg.gate_logit_normalizer).requires_grad_()
     do = torch.randn_like(v)
 

@@ -14,8 +14,8 @@ profiled replay. With `--against SPEC` each sublayer is also captured under a se
 BRAID_KERNELS spec, and the two graphs are timed in alternation (`--rounds` rounds), so that
 drift between runs (the same MoE block measured 2.093 and 2.148 ms in two runs of one call,
 docs/benchmarks.md, thirteenth measurement) falls on both alike; the row then gives both
-medians and their ratio with its per-round range. Kernels that run at the same time on two streams (the SSD and GLA
-backwards, braid.kernels.streams) each count their own time, so a sublayer's kernel rows
+medians and their ratio with its per-round range. Kernels that run at the same time on two
+streams (the SSD and GLA backwards, braid.kernels.streams) each count their own time, so a sublayer's kernel rows
 can add up to more than its ms; BRAID_SIDE_STREAM=0 times them one at a time. The totals
 add up to the model's blocks; embedding, head, loss and optimizer are not included.
 """

@@ -33,9 +33,9 @@
 # bench/autotune/h200-triton-3.6.tgz, holds the picks of an H200 with Triton 3.6 for the
 # benchmarks' shapes (2026-11-29; without it fla and mamba_ssm tune for minutes on a fresh
 # machine: its first hybrid-374m run took 278 s with warm-up, where a run with these picks took
-# 103 s, though that first run also compiled FlexAttention). Triton keys each entry by its kernel's source, the Triton version, the GPU
-# target and the config list, so on anything else an entry is never read, and the autotuner
-# tunes as usual.
+# 103 s, though that first run also compiled FlexAttention). Triton keys each entry by its
+# kernel's source, the Triton version, the GPU target and the config list, so on anything else
+# an entry is never read, and the autotuner tunes as usual.
 OUT="${OUT:-bench_out}"
 mkdir -p "$OUT"
 STAGES="${STAGES:-tests throughput_llama kernels throughput_hybrid}"

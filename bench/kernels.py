@@ -427,6 +427,7 @@ def bench_router(bench: Bench) -> None:
                       force="router=triton", backend=("router", "triton", probe))
             bench.add("router", f"reference {name}", shape, make, force="reference")
 
+
 SECTIONS = {
     "attention": bench_attention,
     "norm": bench_norms,

@@ -177,7 +177,8 @@ def router_forward(x_ND: Tensor, weight_ED: Tensor) -> Tensor:
 
 def router_backward(dlogits_NE: Tensor, x_ND: Tensor, weight_ED: Tensor) -> tuple[Tensor, Tensor]:
     """(dx_ND in x's dtype, dweight_ED in the weight's dtype), both summed in float32."""
-    x_ND, weight_ED, dlogits_NE = _rows_contiguous(x_ND), _rows_contiguous(weight_ED), dlogits_NE.contiguous()
+    x_ND, weight_ED = _rows_contiguous(x_ND), _rows_contiguous(weight_ED)
+    dlogits_NE = dlogits_NE.float().contiguous()  # float32 already from the forward: no copy
     (N, D), E = x_ND.shape, weight_ED.shape[0]
     EP = _padded(E)
     if N == 0:
@@ -187,7 +188,7 @@ def router_backward(dlogits_NE: Tensor, x_ND: Tensor, weight_ED: Tensor) -> tupl
     dx_ND = torch.empty((N, D), device=x_ND.device, dtype=x_ND.dtype)
     dw_PED = torch.empty((parts, EP, D), device=x_ND.device, dtype=torch.float32)
     _router_bwd_kernel[(parts, triton.cdiv(D, BLOCK_D))](
-        x_ND, weight_ED, dlogits_NE.float(), dx_ND, dw_PED, N, D, E, x_ND.stride(0), weight_ED.stride(0),
+        x_ND, weight_ED, dlogits_NE, dx_ND, dw_PED, N, D, E, x_ND.stride(0), weight_ED.stride(0),
         dx_ND.stride(0), rows_per_part, EP=EP, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, X_SPLIT=x_ND.dtype != torch.bfloat16,
         IEEE_F32=_interpreted(), num_warps=4,
     )

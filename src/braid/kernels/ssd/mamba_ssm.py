@@ -144,8 +144,8 @@ def _(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
     "Tensor? initial_states, Tensor? seq_idx, Tensor dt_chunks, Tensor dA_cumsum, Tensor states, Tensor CB) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def _mamba_ssd_backward_kernels(dout, dfinal_states, x, dt, A, B, C, D, initial_states, seq_idx, dt_chunks, dA_cumsum,
-                        states, CB):
+def _mamba_ssd_backward_kernels(dout, dfinal_states, x, dt, A, B, C, D, initial_states, seq_idx, dt_chunks,
+                                dA_cumsum, states, CB):
     x, B, C = _kernel_layouts(x, B, C)
     dout = dout.contiguous()
     G, N = B.shape[-2:]
