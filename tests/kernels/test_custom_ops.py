@@ -127,7 +127,8 @@ def test_mamba_ssd_decay_grads_follow_mamba_ssms_sums(mamba_ssm_wrapper, T, L):
     for b, h, c in itertools.product(range(B), range(H), range(nc)):
         for l in range(L):
             t = c * L + l
-            later = ddA_prev[b, h, c, l:].sum() + last[b, h, c]  # every position from l on, and the last's extra term
+            # every position from l on, and the last position's chunk-to-chunk term
+            later = ddA_prev[b, h, c, l:].sum() + last[b, h, c]
             ddA = ddA_in[b, h, c, l] + ddA_next[b, h, c, l] + later
             if t < T:
                 want_ddt[b, t, h] = 0.0 if dt[b, t, h] < 0 else ddA * A[h] + ddt_chunks[b, h, c, l]

@@ -49,6 +49,7 @@ def check_interpreted_router_kernels() -> None:
     dx, dweight = router_backward(torch.zeros(0, 3), torch.zeros(0, 8), torch.ones(3, 8))
     assert logits.shape == (0, 3) and dx.shape == (0, 8) and torch.equal(dweight, torch.zeros(3, 8))
 
+
 def test_triton_router_kernels_match_float64_interpreted():
     run_interpreted("tests.kernels.test_router:check_interpreted_router_kernels", 2 * len(CASES))
 
