@@ -285,6 +285,37 @@ def bench_gla(bench: Bench) -> None:
     bench.add("gla", "reference (chunk 64)", shape, make, flops=flops, force="reference")
 
 
+def bench_gla_intra(bench: Bench) -> None:
+    """GLA's in-chunk backward (dq, dk from dA), one step of the GLA backward: braid's kernel
+    (one dot per diagonal block) against fla's `chunk_gla_bwd_dqk_intra` (row by row there)."""
+    from fla.ops.gla.chunk import chunk_gla_bwd_dqk_intra
+    from fla.ops.utils.constant import RCP_LN2
+    from fla.ops.utils.cumsum import chunk_local_cumsum
+
+    H, K, C = 8, 64, 64
+    shape = f"B{B} T{T} H{H} K{K} chunk {C}"
+
+    def inputs():
+        g = chunk_local_cumsum(F.logsigmoid(torch.randn(B, T, H, K, device="cuda")) / 16, C, scale=RCP_LN2)
+        return randn(B, T, H, K), randn(B, T, H, K), g, torch.randn(B, T, H, C, device="cuda")
+
+    def braid():
+        from braid.kernels.gla.intra_triton import gla_bwd_intra
+
+        q, k, g, dA = inputs()
+        return lambda: gla_bwd_intra(q, k, g, dA, chunk_size=C)
+
+    def fla():
+        q, k, g, dA = inputs()
+        return lambda: chunk_gla_bwd_dqk_intra(q=q, k=k, g=g, dA=dA, chunk_size=C)
+
+    bytes_moved = B * T * H * (2 * K * 2 + K * 4 + C * 4 + 2 * K * 4)  # q, k bf16; g, dA, dq, dk float32
+    probe = (torch.empty(1, device="cuda", dtype=BF16),)
+    bench.add("gla_intra", "braid triton", shape, braid, bytes_moved=bytes_moved, force="gla_intra=triton",
+              backend=("gla_intra", "triton", probe))
+    bench.add("gla_intra", "fla", shape, fla, bytes_moved=bytes_moved)
+
+
 def bench_conv(bench: Bench) -> None:
     """At the hybrid's conv widths (x, B and C fused: 2304 channels; x alone 2048; B or C 128),
     fla's kernel and braid's own against the reference eager and compiled by inductor."""
@@ -437,6 +468,7 @@ SECTIONS = {
     "router": bench_router,
     "conv": bench_conv,
     "gla": bench_gla,
+    "gla_intra": bench_gla_intra,
     "ssd": bench_ssd,
 }
 

@@ -24,6 +24,7 @@ their per-op 2**-8 roundings differently. A masking or state bug is an O(0.1-1) 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 
 import pytest
@@ -445,13 +446,17 @@ def gla_inputs(B, T, dtype, *, H=8, K=64, V=128, with_state=False, seed=0):
     )
 
 
+@pytest.mark.parametrize("intra", ["fla", "triton"])
 @pytest.mark.parametrize("dtype, T, docs, with_state", SEQ_CASES, ids=SEQ_IDS)
-def test_gla(dtype, T, docs, with_state):
+def test_gla(dtype, T, docs, with_state, intra):
+    """fla's GLA, its in-chunk backward on fla's kernel or braid's (gla_intra=triton)."""
     require("gla", "fla")
+    if intra == "triton":
+        require("gla_intra", "triton")
     B = 2
     leaves = gla_inputs(B, T, dtype, with_state=with_state)
     kwargs = dict(doc_ids_BT=doc_ids_for(B, T) if docs else None, return_final_state=True)
-    with use_backends("gla=fla"):
+    with use_backends("gla=fla" + (",gla_intra=triton" if intra == "triton" else "")):
         assert pick("gla", *leaves.values()) == "fla"
         fast = run_with_grads(lambda **kw: gla(**kw, **kwargs), leaves)
     ref = run_with_grads(lambda **kw: gla_chunked(**kw, **kwargs), leaves)
@@ -485,6 +490,56 @@ def test_gla_fla_matches_the_library(docs, with_state):
         return run_with_grads(call, leaves)
 
     assert_parity(run(braid_chunk_gla), run(fla_chunk_gla), LIBRARY_TOL)
+
+
+def _gla_intra_float64(q, k, g, dA, chunk):
+    """GLA's in-chunk (dq, dk) from their definition in float64, rows of (B, T, H, K), chunk by chunk
+    (tests/kernels/test_gla_intra.py's oracle, on the GPU)."""
+    q, k, g, dA = (t.double() for t in (q, k, g, dA))
+    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    for s in range(0, q.shape[1], chunk):
+        e = min(s + chunk, q.shape[1])
+        n, gc = e - s, g[:, s:e]
+        lower = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None, :, :, None, None]
+        decay = torch.exp2(torch.where(lower, gc[:, :, None] - gc[:, None], -math.inf))  # [B, i, j, H, K]
+        dAc = dA[:, s:e, :, :n].permute(0, 1, 3, 2)[..., None]  # [B, i, j, H, 1]
+        dq[:, s:e] = (dAc * decay * k[:, None, s:e]).sum(2)
+        dk[:, s:e] = (dAc * decay * q[:, s:e, None]).sum(1)
+    return dq, dk
+
+
+# (B, T, H, K, gate scale): hybrid-374m's shape, an odd length with a partial chunk and a
+# masked channel block, and gates steep enough for the diagonal blocks' row-by-row pass.
+GLA_INTRA_CASES = [(2, 8192, 8, 64, 2.0), (2, 1000, 4, 40, 2.0), (1, 1000, 4, 64, 300.0)]
+
+
+@pytest.mark.parametrize("B, T, H, K, scale", GLA_INTRA_CASES, ids=["hybrid", "odd", "steep"])
+def test_gla_intra_triton_against_float64(B, T, H, K, scale):
+    """braid's in-chunk GLA backward within 1e-5 of float64 (3xTF32 dots), bit-identical from run
+    to run; fla's kernel (TF32 dots between sub-chunks) is printed beside it."""
+    require("gla", "fla")
+    require("gla_intra", "triton")
+    from fla.ops.gla.chunk import chunk_gla_bwd_dqk_intra
+    from fla.ops.utils.constant import RCP_LN2
+    from fla.ops.utils.cumsum import chunk_local_cumsum
+
+    from braid.kernels.gla.intra_triton import gla_bwd_intra
+
+    gen = torch.Generator(device="cuda").manual_seed(T + K)
+    chunk = 64
+    q, k = (torch.randn(B, T, H, K, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(2))
+    step = F.logsigmoid(torch.randn(B, T, H, K, generator=gen, device="cuda") * scale - scale / 4) / 16
+    g = chunk_local_cumsum(step, chunk, scale=RCP_LN2)
+    dA = torch.randn(B, T, H, chunk, generator=gen, device="cuda")
+    want = _gla_intra_float64(q, k, g, dA, chunk)
+    ours = gla_bwd_intra(q, k, g, dA, chunk_size=chunk)
+    again = gla_bwd_intra(q, k, g, dA, chunk_size=chunk)
+    theirs = chunk_gla_bwd_dqk_intra(q=q, k=k, g=g, dA=dA, chunk_size=chunk)
+    for name, a, b, w, f in zip(("dq", "dk"), ours, again, want, theirs):
+        err = relative_error(a, w)
+        print(f"{name}: braid {err:.2e}, fla {relative_error(f, w):.2e} (relative to float64)")
+        assert err < 1e-5, (name, err)
+        assert torch.equal(a, b), name
 
 
 def _fwd_bwd(fn, leaves: dict, cotangents: list):

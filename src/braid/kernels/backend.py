@@ -40,6 +40,7 @@ FAST_BACKENDS: dict[str, tuple[str, ...]] = {
     "conv": ("triton", "fla"),  # braid's own: faster in the hybrid (docs/benchmarks.md); fla's for conv states
     "gla": ("fla",),
     "gla_step": ("fla",),
+    "gla_intra": ("triton",),  # a step of fla's GLA backward; its fallback ("reference") is fla's kernel
     "attention": ("sdpa", "flash_attn", "cudnn", "flex", "torch_flash"),
     "norm": ("triton", "liger"),
     "gated_norm": ("triton",),
@@ -56,6 +57,7 @@ BACKEND_MODULES: dict[tuple[str, str], str] = {
     ("conv", "triton"): "braid.kernels.ssd.conv_triton",
     ("gla", "fla"): "braid.kernels.gla.fla",
     ("gla_step", "fla"): "braid.kernels.gla.fla",
+    ("gla_intra", "triton"): "braid.kernels.gla.intra_triton",
     ("attention", "sdpa"): "braid.kernels.attention.sdpa",
     ("attention", "flash_attn"): "braid.kernels.attention.flash",
     ("attention", "cudnn"): "braid.kernels.attention.cudnn",

@@ -31,6 +31,7 @@ from fla.ops.utils.constant import RCP_LN2
 from fla.ops.utils.cumsum import chunk_local_cumsum
 from torch import Tensor
 
+from braid.kernels.backend import backend_module, pick
 from braid.kernels.custom_ops import cuda_op, drop_placeholder, optional_fake, optional_grad
 from braid.kernels.gla.packed import gla_step_via_recurrent, gla_via_packed
 from braid.kernels.streams import beside, join
@@ -119,7 +120,7 @@ def _chunk_gla_backward(do, dfinal, q, k, v, scale, initial_state, A, g_cumsum, 
     with torch.cuda.device(q.device):
         with beside(q.device):
             dA = chunk_gla_bwd_dA(v=v, do=do, scale=scale, chunk_indices=chunk_indices, **varlen)
-            dq, dk = chunk_gla_bwd_dqk_intra(q=q, k=k, g=g_cumsum, dA=dA, chunk_indices=chunk_indices, **varlen)
+            dq, dk = _dqk_intra(q, k, g_cumsum, dA, chunk_indices, varlen)
         if not h.numel():  # with documents the forward kept no states
             h, _ = chunk_fwd_h(
                 k=k, v=v, g=None, gk=g_cumsum, gv=None, h0=initial_state, output_final_state=False,
@@ -143,6 +144,16 @@ def _chunk_gla_backward(do, dfinal, q, k, v, scale, initial_state, A, g_cumsum, 
 def _(do, dfinal, q, k, v, scale, initial_state, A, g_cumsum, h, cu_seqlens, cu_seqlens_cpu):
     grads = (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), g_cumsum.new_empty(g_cumsum.shape))
     return (*grads, optional_fake(initial_state, q))
+
+
+def _dqk_intra(q, k, g_cumsum, dA, chunk_indices, varlen):
+    """The in-chunk dq and dk: braid's kernel (op "gla_intra", backend "triton": one dot for each
+    diagonal block where fla takes it row by row) or fla's `chunk_gla_bwd_dqk_intra`."""
+    if pick("gla_intra", q, k, g_cumsum, dA) == "triton":
+        return backend_module("gla_intra", "triton").gla_bwd_intra(
+            q, k, g_cumsum, dA, chunk_indices=chunk_indices, **varlen
+        )
+    return chunk_gla_bwd_dqk_intra(q=q, k=k, g=g_cumsum, dA=dA, chunk_indices=chunk_indices, **varlen)
 
 
 def _gla_setup(ctx, inputs, output):

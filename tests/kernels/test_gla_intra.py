@@ -1,0 +1,96 @@
+"""braid's GLA in-chunk backward kernel (braid.kernels.gla.intra_triton) against the definition
+written out in float64, run by Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 in a
+child process): rows and packed documents, partial last chunks, channel blocks with masked
+channels, and gates steep enough that the diagonal blocks take the row-by-row pass.
+
+Tolerance: dq and dk are float32 sums of float32 products (the interpreter's dots are float32;
+on a GPU they run in 3xTF32), 1e-5 relative to float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tests.helpers import relative_error, run_interpreted
+
+CASES = [  # (name, lengths of the sequences (one row each, or packed), packed, H, K, chunk, gate scale, max_split)
+    ("rows", [100, 100], False, 2, 32, 64, 2.0, None),
+    ("rows row-by-row", [100, 100], False, 2, 32, 64, 2.0, -1.0),
+    ("steep gates", [100, 100], False, 2, 32, 64, 300.0, None),
+    ("packed, K 40", [37, 93, 70], True, 2, 40, 64, 2.0, None),
+    ("short chunk", [10], False, 3, 16, 16, 2.0, None),
+]
+
+
+def chunk_log2_gates(lengths, H, K, chunk, scale, gen):
+    """In-chunk cumulative log2 decays (g <= 0, falling), restarting at each sequence and chunk."""
+    gates = []
+    for length in lengths:
+        step = torch.nn.functional.logsigmoid(torch.randn(length, H, K, generator=gen, dtype=torch.float64) * scale
+                                              - scale / 4) / 16 / math.log(2)
+        chunks = [step[s:s + chunk].cumsum(0) for s in range(0, length, chunk)]
+        gates.append(torch.cat(chunks))
+    return gates
+
+
+def reference(q, k, g, dA, lengths, chunk):
+    """(dq, dk) in float64 from the definition, sequence by sequence, chunk by chunk."""
+    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    start = 0
+    for length in lengths:
+        for s in range(start, start + length, chunk):
+            e = min(s + chunk, start + length)
+            n = e - s
+            gc = g[s:e]
+            lower = torch.ones(n, n, dtype=torch.bool).tril()[:, :, None, None]
+            exponent = torch.where(lower, gc[:, None] - gc[None, :], -math.inf)  # [i, j, H, K]
+            decay = torch.exp2(exponent)
+            dAc = dA[s:e, :, :n].permute(0, 2, 1)[..., None]  # [i, j, H, 1]
+            dq[s:e] = (dAc * decay * k[None, s:e]).sum(1)
+            dk[s:e] = (dAc * decay * q[s:e, None]).sum(0)
+        start += length
+    return dq, dk
+
+
+def check_interpreted_gla_intra() -> None:
+    """Run in the child process: every CASES case, one "ok" line each."""
+    import triton
+
+    from braid.kernels.gla.intra_triton import MAX_SPLIT, gla_bwd_intra
+
+    assert triton.knobs.runtime.interpret, "TRITON_INTERPRET=1 must be set before triton is imported"
+    for name, lengths, packed, H, K, chunk, scale, max_split in CASES:
+        gen = torch.Generator().manual_seed(len(name))
+        total = sum(lengths)
+        q64 = torch.randn(total, H, K, generator=gen, dtype=torch.float64)
+        k64 = torch.randn(total, H, K, generator=gen, dtype=torch.float64)
+        g64 = torch.cat(chunk_log2_gates(lengths, H, K, chunk, scale, gen))
+        # the steep case's first diagonal block spans more than MAX_SPLIT: its row-by-row pass runs
+        assert ((g64[:16] - g64[0]).abs().max().item() > MAX_SPLIT) == (scale > 100), name
+        dA64 = torch.randn(total, H, chunk, generator=gen, dtype=torch.float64)
+        q, k = q64.to(torch.bfloat16), k64.to(torch.bfloat16)
+        g, dA = g64.float(), dA64.float()
+        want_dq, want_dk = reference(q.double(), k.double(), g.double(), dA.double(), lengths, chunk)
+        kwargs = dict(chunk_size=chunk, max_split=MAX_SPLIT if max_split is None else max_split)
+        if packed:
+            bounds = torch.tensor([0, *lengths]).cumsum(0)
+            pairs = [(i, c) for i, n in enumerate(lengths) for c in range(-(-n // chunk))]
+            dq, dk = gla_bwd_intra(q[None], k[None], g[None], dA[None], cu_seqlens=bounds,
+                                   chunk_indices=torch.tensor(pairs), **kwargs)
+            dq, dk = dq[0], dk[0]
+        else:
+            rows = len(lengths)
+            shape = (rows, lengths[0])
+            dq, dk = gla_bwd_intra(*(t.reshape(*shape, *t.shape[1:]) for t in (q, k, g, dA)), **kwargs)
+            dq, dk = dq.flatten(0, 1), dk.flatten(0, 1)
+        assert dq.dtype == dk.dtype == torch.float32
+        err = relative_error(dq, want_dq), relative_error(dk, want_dk)
+        assert max(err) < 1e-5, (name, err)
+        print(f"ok {name}: dq {err[0]:.1e} dk {err[1]:.1e}")
+
+
+def test_gla_bwd_intra_matches_float64_interpreted():
+    run_interpreted("tests.kernels.test_gla_intra:check_interpreted_gla_intra", len(CASES))
+
