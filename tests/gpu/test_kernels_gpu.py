@@ -468,7 +468,9 @@ def test_gla(dtype, T, docs, with_state, intra):
                          ids=["rows", "state", "docs"])
 def test_gla_fla_matches_the_library(docs, with_state):
     """braid's chunk_gla ops keep the gate cumsum and float32 chunk states for the backward;
-    fla's ChunkGLAFunction recomputes them. The numbers must be fla's."""
+    fla's ChunkGLAFunction recomputes them. The numbers must be fla's (with fla's in-chunk
+    kernels: braid's own, the default, are closer to float64 than fla's TF32 dots, checked by
+    test_gla_intra_triton_against_float64 and test_gla)."""
     require("gla", "fla")
     from fla.ops.gla import chunk_gla as fla_chunk_gla
 
@@ -489,7 +491,9 @@ def test_gla_fla_matches_the_library(docs, with_state):
                       output_final_state=True, cu_seqlens=cu_seqlens)
         return run_with_grads(call, leaves)
 
-    assert_parity(run(braid_chunk_gla), run(fla_chunk_gla), LIBRARY_TOL)
+    with use_backends("gla_intra=reference"):
+        ours = run(braid_chunk_gla)
+    assert_parity(ours, run(fla_chunk_gla), LIBRARY_TOL)
 
 
 def _gla_intra_float64(q, k, g, dA, chunk):
@@ -515,15 +519,18 @@ GLA_INTRA_CASES = [(2, 8192, 8, 64, 2.0), (2, 1000, 4, 40, 2.0), (1, 1000, 4, 64
 
 @pytest.mark.parametrize("B, T, H, K, scale", GLA_INTRA_CASES, ids=["hybrid", "odd", "steep"])
 def test_gla_intra_triton_against_float64(B, T, H, K, scale):
-    """braid's in-chunk GLA backward within 1e-5 of float64 (3xTF32 dots), bit-identical from run
-    to run; fla's kernel (TF32 dots between sub-chunks) is printed beside it."""
+    """braid's in-chunk GLA kernels (backward dq, dk; forward scores A) within 1e-5 of float64
+    (3xTF32 dots), bit-identical from run to run; fla's kernels (TF32 dots between sub-chunks)
+    are printed beside them."""
     require("gla", "fla")
     require("gla_intra", "triton")
     from fla.ops.gla.chunk import chunk_gla_bwd_dqk_intra
     from fla.ops.utils.constant import RCP_LN2
     from fla.ops.utils.cumsum import chunk_local_cumsum
 
-    from braid.kernels.gla.intra_triton import gla_bwd_intra
+    from fla.ops.gla.chunk import chunk_gla_fwd_intra_gk
+
+    from braid.kernels.gla.intra_triton import gla_bwd_intra, gla_fwd_intra
 
     gen = torch.Generator(device="cuda").manual_seed(T + K)
     chunk = 64
@@ -540,6 +547,25 @@ def test_gla_intra_triton_against_float64(B, T, H, K, scale):
         print(f"{name}: braid {err:.2e}, fla {relative_error(f, w):.2e} (relative to float64)")
         assert err < 1e-5, (name, err)
         assert torch.equal(a, b), name
+    # the forward's in-chunk scores A (fla leaves the blocks above the diagonal unwritten)
+    scale = K**-0.5
+    A = gla_fwd_intra(q, k, g, scale, chunk_size=chunk)
+    lower = (torch.arange(T, device="cuda")[:, None] % chunk >= torch.arange(chunk, device="cuda")).expand(B, H, T, chunk)
+    lower = lower.permute(0, 2, 1, 3)
+    want_A = torch.zeros(B, T, H, chunk, dtype=torch.float64, device="cuda")
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        n, gc = e - s, g[:, s:e].double()
+        mask = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()[None, :, :, None, None]
+        decay = torch.exp2(torch.where(mask, gc[:, :, None] - gc[:, None], -math.inf))  # [B, i, j, H, K]
+        scores = (q[:, s:e, None].double() * k[:, None, s:e].double() * decay).sum(-1) * scale  # [B, i, j, H]
+        want_A[:, s:e, :, :n] = scores.permute(0, 1, 3, 2)
+    fla_A = chunk_gla_fwd_intra_gk(q=q, k=k, g=g, scale=scale, chunk_size=chunk)
+    err = relative_error(A, want_A)
+    print(f"A: braid {err:.2e}, fla {relative_error(torch.where(lower, fla_A, 0.0), want_A):.2e}")
+    assert err < 1e-5, err
+    assert not A[~lower].any()
+    assert torch.equal(A, gla_fwd_intra(q, k, g, scale, chunk_size=chunk))
 
 
 def _fwd_bwd(fn, leaves: dict, cotangents: list):

@@ -1,9 +1,10 @@
-"""braid's GLA in-chunk backward kernel (braid.kernels.gla.intra_triton) against the definition
+"""braid's GLA in-chunk kernels (braid.kernels.gla.intra_triton: the scores A forward, dq and dk
+backward) against the definition
 written out in float64, run by Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 in a
 child process): rows and packed documents, partial last chunks, channel blocks with masked
 channels, and gates steep enough that the diagonal blocks take the row-by-row pass.
 
-Tolerance: dq and dk are float32 sums of float32 products (the interpreter's dots are float32;
+Tolerance: A, dq and dk are float32 sums of float32 products (the interpreter's dots are float32;
 on a GPU they run in 3xTF32), 1e-5 relative to float64.
 """
 
@@ -54,11 +55,26 @@ def reference(q, k, g, dA, lengths, chunk):
     return dq, dk
 
 
+def reference_scores(q, k, g, lengths, chunk, scale):
+    """The in-chunk attention scores A (T, H, chunk) in float64: zero above the diagonal."""
+    A = torch.zeros(q.shape[0], q.shape[1], chunk, dtype=torch.float64)
+    start = 0
+    for length in lengths:
+        for s in range(start, start + length, chunk):
+            e = min(s + chunk, start + length)
+            n, gc = e - s, g[s:e]
+            lower = torch.ones(n, n, dtype=torch.bool).tril()[:, :, None, None]
+            decay = torch.exp2(torch.where(lower, gc[:, None] - gc[None, :], -math.inf))  # [i, j, H, K]
+            A[s:e, :, :n] = (q[s:e, None] * k[None, s:e] * decay).sum(-1).permute(0, 2, 1) * scale
+        start += length
+    return A
+
+
 def check_interpreted_gla_intra() -> None:
     """Run in the child process: every CASES case, one "ok" line each."""
     import triton
 
-    from braid.kernels.gla.intra_triton import MAX_SPLIT, gla_bwd_intra
+    from braid.kernels.gla.intra_triton import MAX_SPLIT, gla_bwd_intra, gla_fwd_intra
 
     assert triton.knobs.runtime.interpret, "TRITON_INTERPRET=1 must be set before triton is imported"
     for name, lengths, packed, H, K, chunk, scale, max_split in CASES:
@@ -73,22 +89,28 @@ def check_interpreted_gla_intra() -> None:
         q, k = q64.to(torch.bfloat16), k64.to(torch.bfloat16)
         g, dA = g64.float(), dA64.float()
         want_dq, want_dk = reference(q.double(), k.double(), g.double(), dA.double(), lengths, chunk)
+        scale = K**-0.5
+        want_A = reference_scores(q.double(), k.double(), g.double(), lengths, chunk, scale)
         kwargs = dict(chunk_size=chunk, max_split=MAX_SPLIT if max_split is None else max_split)
         if packed:
             bounds = torch.tensor([0, *lengths]).cumsum(0)
             pairs = [(i, c) for i, n in enumerate(lengths) for c in range(-(-n // chunk))]
-            dq, dk = gla_bwd_intra(q[None], k[None], g[None], dA[None], cu_seqlens=bounds,
-                                   chunk_indices=torch.tensor(pairs), **kwargs)
-            dq, dk = dq[0], dk[0]
+            varlen = dict(cu_seqlens=bounds, chunk_indices=torch.tensor(pairs))
+            dq, dk = gla_bwd_intra(q[None], k[None], g[None], dA[None], **varlen, **kwargs)
+            A = gla_fwd_intra(q[None], k[None], g[None], scale, **varlen, **kwargs)
+            dq, dk, A = dq[0], dk[0], A[0]
         else:
             rows = len(lengths)
             shape = (rows, lengths[0])
-            dq, dk = gla_bwd_intra(*(t.reshape(*shape, *t.shape[1:]) for t in (q, k, g, dA)), **kwargs)
-            dq, dk = dq.flatten(0, 1), dk.flatten(0, 1)
-        assert dq.dtype == dk.dtype == torch.float32
-        err = relative_error(dq, want_dq), relative_error(dk, want_dk)
+            q, k, g, dA = (t.reshape(*shape, *t.shape[1:]) for t in (q, k, g, dA))
+            dq, dk = gla_bwd_intra(q, k, g, dA, **kwargs)
+            A = gla_fwd_intra(q, k, g, scale, **kwargs)
+            dq, dk, A = dq.flatten(0, 1), dk.flatten(0, 1), A.flatten(0, 1)
+        assert dq.dtype == dk.dtype == A.dtype == torch.float32
+        err = relative_error(dq, want_dq), relative_error(dk, want_dk), relative_error(A, want_A)
         assert max(err) < 1e-5, (name, err)
-        print(f"ok {name}: dq {err[0]:.1e} dk {err[1]:.1e}")
+        assert (A[want_A == 0] == 0).all(), name  # zero above the diagonal, where fla leaves it unwritten
+        print(f"ok {name}: dq {err[0]:.1e} dk {err[1]:.1e} A {err[2]:.1e}")
 
 
 def test_gla_bwd_intra_matches_float64_interpreted():

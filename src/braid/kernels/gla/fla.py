@@ -75,10 +75,7 @@ def _chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
             k=k, v=v, g=None, gk=g_cumsum, gv=None, h0=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True,
         )
-        A = chunk_gla_fwd_intra_gk(
-            q=q, k=k, g=g_cumsum, scale=scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-            chunk_indices=chunk_indices,
-        )
+        A = _intra_scores(q, k, g_cumsum, scale, cu_seqlens, chunk_size, chunk_indices)
         o = chunk_gla_fwd_o_gk(
             q=q, v=v, g=g_cumsum, A=A, h=h, scale=scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
             chunk_indices=chunk_indices,
@@ -144,6 +141,18 @@ def _chunk_gla_backward(do, dfinal, q, k, v, scale, initial_state, A, g_cumsum, 
 def _(do, dfinal, q, k, v, scale, initial_state, A, g_cumsum, h, cu_seqlens, cu_seqlens_cpu):
     grads = (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), g_cumsum.new_empty(g_cumsum.shape))
     return (*grads, optional_fake(initial_state, q))
+
+
+def _intra_scores(q, k, g_cumsum, scale, cu_seqlens, chunk_size, chunk_indices):
+    """The in-chunk attention scores A: braid's kernel (op "gla_intra", backend "triton") or
+    fla's `chunk_gla_fwd_intra_gk`."""
+    if pick("gla_intra", q, k, g_cumsum) == "triton":
+        return backend_module("gla_intra", "triton").gla_fwd_intra(
+            q, k, g_cumsum, scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices
+        )
+    return chunk_gla_fwd_intra_gk(
+        q=q, k=k, g=g_cumsum, scale=scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices
+    )
 
 
 def _dqk_intra(q, k, g_cumsum, dA, chunk_indices, varlen):
