@@ -21,8 +21,8 @@ other shrinks as far, R the largest |g - g_n| over the block's valid rows. With 
 The dots run in 3xTF32 (about float32's precision; fla's own dots between sub-chunks run in
 TF32). Runs on CPU tensors under TRITON_INTERPRET=1 (the CI parity test).
 
-Legend: B batch, T time, H heads, K key head dim; BT chunk, BC sub-chunk, BK channel block,
-NC sub-chunks per chunk, NT chunks.
+Legend: B batch, T time, H heads, K key head dim, C chunk length; in the kernels BT the chunk,
+BC the sub-chunk, BK the channel block, NC sub-chunks per chunk, NK channel blocks, NT chunks.
 """
 
 from __future__ import annotations
@@ -226,10 +226,20 @@ def _gla_fwd_intra_kernel(
         tl.store(p_A + i_j * BC + o_i[None, :], b_A * scale, mask=m_c[:, None])
 
 
+def _tiles(q_BTHK: Tensor, chunk_size: int, cu_seqlens: Tensor | None, chunk_indices: Tensor | None, caller: str):
+    """(B, T, H, K, BT, BC, BK, NT, NC): the shape and the kernels' tile sizes, fla's choices."""
+    if cu_seqlens is not None and chunk_indices is None:
+        raise ValueError(f"{caller}: cu_seqlens needs chunk_indices (fla's prepare_chunk_indices)")
+    B, T, H, K = q_BTHK.shape
+    BT, BC = chunk_size, min(16, chunk_size)
+    NT = triton.cdiv(T, BT) if cu_seqlens is None else chunk_indices.shape[0]
+    return B, T, H, K, BT, BC, min(64, triton.next_power_of_2(K)), NT, triton.cdiv(BT, BC)
+
+
 def gla_fwd_intra(
-    q: Tensor,
-    k: Tensor,
-    g: Tensor,
+    q_BTHK: Tensor,
+    k_BTHK: Tensor,
+    g_BTHK: Tensor,
     scale: float,
     cu_seqlens: Tensor | None = None,
     chunk_size: int = 64,
@@ -241,27 +251,21 @@ def gla_fwd_intra(
     """The in-chunk attention scores A (B, T, H, chunk_size) float32, zero above the diagonal, as
     fla's `chunk_gla_fwd_intra_gk(q, k, g, scale, cu_seqlens, chunk_size, chunk_indices)` (which
     leaves the blocks above the diagonal's sub-chunks unwritten); inputs as `gla_bwd_intra`'s."""
-    B, T, H, K = q.shape
-    BT, BC = chunk_size, min(16, chunk_size)
-    BK = min(64, triton.next_power_of_2(K))
-    if cu_seqlens is not None and chunk_indices is None:
-        raise ValueError("gla_fwd_intra: cu_seqlens needs chunk_indices (fla's prepare_chunk_indices)")
-    NT = triton.cdiv(T, BT) if cu_seqlens is None else chunk_indices.shape[0]
-    NC = triton.cdiv(BT, BC)
-    A = torch.empty(B, T, H, BT, device=q.device, dtype=torch.float32)
+    B, T, H, K, BT, BC, BK, NT, NC = _tiles(q_BTHK, chunk_size, cu_seqlens, chunk_indices, "gla_fwd_intra")
+    A_BTHC = torch.empty(B, T, H, BT, device=q_BTHK.device, dtype=torch.float32)
     _gla_fwd_intra_kernel[(NT * NC, B * H)](
-        q, k, g, A, cu_seqlens, chunk_indices, scale, T,
+        q_BTHK, k_BTHK, g_BTHK, A_BTHC, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, BT=BT, BC=BC, BK=BK, NC=NC, IS_VARLEN=cu_seqlens is not None, MAX_R=max_split,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return A
+    return A_BTHC
 
 
 def gla_bwd_intra(
-    q: Tensor,
-    k: Tensor,
-    g: Tensor,
-    dA: Tensor,
+    q_BTHK: Tensor,
+    k_BTHK: Tensor,
+    g_BTHK: Tensor,
+    dA_BTHC: Tensor,
     cu_seqlens: Tensor | None = None,
     chunk_size: int = 64,
     chunk_indices: Tensor | None = None,
@@ -269,23 +273,18 @@ def gla_bwd_intra(
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
 ) -> tuple[Tensor, Tensor]:
-    """(dq, dk) in float32, as fla's `chunk_gla_bwd_dqk_intra(q, k, g, dA, cu_seqlens, chunk_size,
-    chunk_indices)`: q, k (B, T, H, K); g (B, T, H, K) float32, the in-chunk cumulative log2
-    gate; dA (B, T, H, chunk_size) float32; with cu_seqlens, B is 1 and chunk_indices holds
+    """(dq, dk) (B, T, H, K) in float32, as fla's `chunk_gla_bwd_dqk_intra(q, k, g, dA, cu_seqlens,
+    chunk_size, chunk_indices)`. q, k in any float dtype; g float32, the in-chunk cumulative
+    log2 gate; dA float32, C = chunk_size; with cu_seqlens, B is 1 and chunk_indices holds
     (sequence, chunk) pairs (fla's prepare_chunk_indices). A negative `max_split` takes every
     diagonal block row by row (fla's way), for tests."""
-    B, T, H, K = q.shape
-    BT, BC = chunk_size, min(16, chunk_size)
-    BK = min(64, triton.next_power_of_2(K))
-    if cu_seqlens is not None and chunk_indices is None:
-        raise ValueError("gla_bwd_intra: cu_seqlens needs chunk_indices (fla's prepare_chunk_indices)")
-    NT = triton.cdiv(T, BT) if cu_seqlens is None else chunk_indices.shape[0]
-    NC, NK = triton.cdiv(BT, BC), triton.cdiv(K, BK)
-    dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-    dk = torch.empty(k.shape, device=k.device, dtype=torch.float32)
+    B, T, H, K, BT, BC, BK, NT, NC = _tiles(q_BTHK, chunk_size, cu_seqlens, chunk_indices, "gla_bwd_intra")
+    NK = triton.cdiv(K, BK)
+    dq_BTHK = torch.empty(q_BTHK.shape, device=q_BTHK.device, dtype=torch.float32)
+    dk_BTHK = torch.empty(k_BTHK.shape, device=k_BTHK.device, dtype=torch.float32)
     _gla_bwd_intra_kernel[(NT * NK * NC, B * H)](
-        q, k, g, dA, dq, dk, cu_seqlens, chunk_indices, T,
+        q_BTHK, k_BTHK, g_BTHK, dA_BTHC, dq_BTHK, dk_BTHK, cu_seqlens, chunk_indices, T,
         H=H, K=K, BT=BT, BC=BC, BK=BK, NC=NC, NK=NK, IS_VARLEN=cu_seqlens is not None, MAX_R=max_split,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return dq, dk
+    return dq_BTHK, dk_BTHK
