@@ -40,6 +40,21 @@ NUM_WARPS, NUM_STAGES = 2, 3
 
 
 @triton.jit
+def _chunk_in_sequence(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN: tl.constexpr):
+    """(the chunk's index in its sequence, the sequence's first row, its length) for program
+    chunk i_t of row i_b: rows of T steps, or fla's varlen (sequence, chunk) pairs."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_b.to(tl.int64) * T
+        eos = bos + T
+    return i_t, bos, (eos - bos).to(tl.int32)
+
+
+@triton.jit
 def _row_pass_dq(k, g, dA, b_g, o_c, m_k, row0, n_rows, i_h, i_a, H: tl.constexpr, K: tl.constexpr,
                  BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """The diagonal block's dq terms one source row at a time (fla's exact pass)."""
@@ -78,15 +93,7 @@ def _gla_bwd_intra_kernel(
     i_bh = tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_k, i_i = i_kc // NC, i_kc % NC
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_b.to(tl.int64) * T
-        eos = bos + T
-    T = (eos - bos).to(tl.int32)
+    i_t, bos, T = _chunk_in_sequence(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN)
     row0 = i_t * BT + i_i * BC  # this sub-chunk's first row in the sequence
     if row0 >= T:
         return
@@ -168,15 +175,7 @@ def _gla_fwd_intra_kernel(
     i_t, i_i = tl.program_id(0) // NC, tl.program_id(0) % NC
     i_bh = tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_b.to(tl.int64) * T
-        eos = bos + T
-    T = (eos - bos).to(tl.int32)
+    i_t, bos, T = _chunk_in_sequence(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN)
     row0 = i_t * BT + i_i * BC
     if row0 >= T:
         return
