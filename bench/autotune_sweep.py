@@ -9,8 +9,12 @@ autotuner times the configs the library lists. Phase 2, one kernel at a time: a 
 (the library's, its two fastest block shapes under every warp count and 1-4 stages, and every
 combination of the block values it lists under the fastest warps and stages) replaces it,
 the kernel is tuned again, and the fastest config is printed against the library's best.
-Block values are only the library's own, so code that sizes buffers by its smallest block
-stays valid. For `gla` the warp counts are the library's (fla leaves some out on Hopper).
+Block values are the library's own, so code that sizes buffers by its smallest block stays
+valid; `--add-values BV=16` adds a value to the combinations of the kernels that have that key
+(only for kernels whose buffers do not depend on it: fla's state kernels `chunk_fwd_kernel_h`
+and `chunk_bwd_kernel_dh` tile only their (K, V) output with BK and BV, and run as few programs
+as B x H x K/BK x V/BV at hybrid-374m's shape). For `gla` the warp counts are the library's
+(fla leaves some out on Hopper).
 
 What it finds goes into braid through braid.kernels.autotune.add_configs (for mamba_ssm,
 braid.kernels.ssd.mamba_ssm.EXTRA_CONFIGS), where the autotuner still picks among all
@@ -45,22 +49,41 @@ def autotuners(modules) -> dict:
     return found
 
 
-def widened_configs(configs: list, timings: dict, warps=(2, 4, 8), stages=(1, 2, 3, 4)) -> list:
+def widened_configs(configs: list, timings: dict, warps=(2, 4, 8), stages=(1, 2, 3, 4),
+                    extra_values: dict | None = None) -> list:
     """The library's `configs`, then its two fastest block shapes (by `timings`, config -> ms)
     under every warp count and stage count, then every combination of the block values it lists
-    under the fastest config's warps and stages; no repeats (braid.kernels.autotune.add_configs,
-    which also gives each new config the list's pre-hook)."""
+    (with `extra_values`, {key: values}, for its keys) under the fastest config's warps and
+    stages; no repeats (braid.kernels.autotune.add_configs, which also gives each new config the
+    list's pre-hook)."""
     from braid.kernels.autotune import add_configs
 
     ranked = sorted(timings, key=timings.get)
     fastest = ranked[0]
-    values = {key: sorted({c.kwargs[key] for c in configs}) for key in fastest.kwargs}
+    extra_values = extra_values or {}
+    values = {key: sorted({c.kwargs[key] for c in configs} | set(extra_values.get(key, ())))
+              for key in fastest.kwargs}
     candidates = [(c.kwargs, w, s) for c in ranked[:2] for w, s in itertools.product(warps, stages)]
     candidates += [(dict(zip(values, combo)), fastest.num_warps, fastest.num_stages)
                    for combo in itertools.product(*values.values())]
     widened = types.SimpleNamespace(configs=list(configs))
     add_configs(widened, candidates)
     return widened.configs
+
+
+def parse_values(items: list[str]) -> dict[str, list[int]]:
+    """{"BV": [16]} from ["BV=16"]; a key given twice takes both lists."""
+    values: dict[str, list[int]] = {}
+    for item in items:
+        key, sep, listed = item.partition("=")
+        try:
+            numbers = [int(v) for v in listed.split(",")] if sep and key else None
+        except ValueError:
+            numbers = None
+        if not numbers:
+            raise SystemExit(f"--add-values {item!r}: write KEY=V[,V], e.g. BV=16 or BK=16,32")
+        values.setdefault(key.strip(), []).extend(numbers)
+    return values
 
 
 def _ms(value) -> float:
@@ -123,7 +146,10 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default="hybrid-374m")
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--add-values", action="append", default=[], metavar="KEY=V[,V]",
+                        help="block values to add to the combinations, e.g. BV=16 (repeatable)")
     args = parser.parse_args(argv)
+    extra_values = parse_values(args.add_values)
 
     import torch
 
@@ -147,7 +173,8 @@ def main(argv=None) -> None:
     for name, timings in library.items():
         kernel = found[name]
         warps = sorted({c.num_warps for c in kernel.configs}) if args.op == "gla" else (2, 4, 8)
-        kernel.configs, kernel.cache = widened_configs(kernel.configs, timings, warps=warps), {}
+        kernel.configs = widened_configs(kernel.configs, timings, warps=warps, extra_values=extra_values)
+        kernel.cache = {}
         fwd_bwd()
         torch.cuda.synchronize()
         wide = {c: _ms(t) for c, t in kernel.configs_timings.items()}

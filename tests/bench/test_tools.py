@@ -177,6 +177,15 @@ def test_autotune_sweep_widens_with_the_librarys_block_values_and_finds_wrapped_
         (bm, bn) for bm in (32, 64, 128) for bn in (32, 64)
     }
     assert all(c.kwargs["BM"] in (32, 64, 128) and c.kwargs["BN"] in (32, 64) for c in wide)
+    # --add-values: an added value joins the combinations of its key; a key the kernel lacks is ignored
+    extra = sweep.widened_configs(library, timings, warps=(2, 4), stages=(1, 2),
+                                  extra_values=sweep.parse_values(["BN=16", "BX=8"]))
+    assert {(c.kwargs["BM"], c.kwargs["BN"]) for c in extra if (c.num_warps, c.num_stages) == (4, 4)} == {
+        (bm, bn) for bm in (32, 64, 128) for bn in (16, 32, 64)
+    }
+    assert all(set(c.kwargs) == {"BM", "BN"} for c in extra)
+    with pytest.raises(SystemExit, match="KEY=V"):
+        sweep.parse_values(["BN"])
 
     @triton.heuristics({"EVEN": lambda args: args["n"] % 2 == 0})
     @triton.autotune(configs=library[:2], key=["n"])
