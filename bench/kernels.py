@@ -316,6 +316,46 @@ def bench_gla_intra(bench: Bench) -> None:
     bench.add("gla_intra", "fla", shape, fla, bytes_moved=bytes_moved)
 
 
+def bench_gla_scan(bench: Bench) -> None:
+    """GLA's pass over the chunks (the states entering each chunk; their gradients), one step of
+    the GLA forward and one of its backward: braid's two kernels (chunk-local terms, then an
+    element-wise pass) against fla's `chunk_fwd_h` and `chunk_bwd_dh` (one sequential kernel)."""
+    from fla.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
+    from fla.ops.utils.constant import RCP_LN2
+    from fla.ops.utils.cumsum import chunk_local_cumsum
+
+    H, K, V, C = 8, 64, 128, 64
+    shape = f"B{B} T{T} H{H} K{K} V{V} chunk {C}"
+
+    def inputs():
+        g = chunk_local_cumsum(F.logsigmoid(torch.randn(B, T, H, K, device="cuda")) / 16, C, scale=RCP_LN2)
+        return randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V), randn(B, T, H, V), g
+
+    def braid(backward):
+        from braid.kernels.gla.scan_triton import gla_state_grads, gla_states
+
+        q, k, v, do, g = inputs()
+        if backward:
+            return lambda: gla_state_grads(q, do, g, K**-0.5, chunk_size=C)
+        return lambda: gla_states(k, v, g, chunk_size=C)
+
+    def fla(backward):
+        q, k, v, do, g = inputs()
+        if backward:
+            return lambda: chunk_bwd_dh(q=q, k=k, v=v, g=None, gk=g, gv=None, do=do, h0=None, dht=None,
+                                        scale=K**-0.5, chunk_size=C, states_in_fp32=True)
+        return lambda: chunk_fwd_h(k=k, v=v, g=None, gk=g, gv=None, h0=None, output_final_state=False,
+                                   chunk_size=C, states_in_fp32=True)
+
+    states_bytes = B * -(-T // C) * H * K * V * 4
+    bytes_moved = B * T * H * (K * 2 + V * 2 + K * 4) + states_bytes  # inputs once, states written once
+    probe = (torch.empty(1, device="cuda", dtype=BF16),)
+    for name, backward in (("fwd", False), ("bwd", True)):
+        bench.add("gla_scan", f"braid triton {name}", shape, lambda b=backward: braid(b), bytes_moved=bytes_moved,
+                  force="gla_scan=triton", backend=("gla_scan", "triton", probe))
+        bench.add("gla_scan", f"fla {name}", shape, lambda b=backward: fla(b), bytes_moved=bytes_moved)
+
+
 def bench_conv(bench: Bench) -> None:
     """At the hybrid's conv widths (x, B and C fused: 2304 channels; x alone 2048; B or C 128),
     fla's kernel and braid's own against the reference eager and compiled by inductor."""
@@ -469,6 +509,7 @@ SECTIONS = {
     "conv": bench_conv,
     "gla": bench_gla,
     "gla_intra": bench_gla_intra,
+    "gla_scan": bench_gla_scan,
     "ssd": bench_ssd,
 }
 

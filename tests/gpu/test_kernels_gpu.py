@@ -446,17 +446,23 @@ def gla_inputs(B, T, dtype, *, H=8, K=64, V=128, with_state=False, seed=0):
     )
 
 
-@pytest.mark.parametrize("intra", ["fla", "triton"])
+# fla's GLA with its in-chunk steps and its pass over the chunks on fla's kernels or braid's.
+GLA_INNER = {"fla": "gla_intra=reference,gla_scan=reference", "triton": "gla_intra=triton,gla_scan=reference",
+             "triton+scan": "gla_intra=triton,gla_scan=triton"}
+
+
+@pytest.mark.parametrize("intra", list(GLA_INNER))
 @pytest.mark.parametrize("dtype, T, docs, with_state", SEQ_CASES, ids=SEQ_IDS)
 def test_gla(dtype, T, docs, with_state, intra):
-    """fla's GLA, its in-chunk backward on fla's kernel or braid's (gla_intra=triton)."""
+    """fla's GLA; its in-chunk steps and its pass over the chunks on fla's kernels or braid's."""
     require("gla", "fla")
-    if intra == "triton":
-        require("gla_intra", "triton")
+    for op in ("gla_intra", "gla_scan"):
+        if f"{op}=triton" in GLA_INNER[intra]:
+            require(op, "triton")
     B = 2
     leaves = gla_inputs(B, T, dtype, with_state=with_state)
     kwargs = dict(doc_ids_BT=doc_ids_for(B, T) if docs else None, return_final_state=True)
-    with use_backends("gla=fla" + (",gla_intra=triton" if intra == "triton" else "")):
+    with use_backends("gla=fla," + GLA_INNER[intra]):
         assert pick("gla", *leaves.values()) == "fla"
         fast = run_with_grads(lambda **kw: gla(**kw, **kwargs), leaves)
     ref = run_with_grads(lambda **kw: gla_chunked(**kw, **kwargs), leaves)
@@ -491,7 +497,7 @@ def test_gla_fla_matches_the_library(docs, with_state):
                       output_final_state=True, cu_seqlens=cu_seqlens)
         return run_with_grads(call, leaves)
 
-    with use_backends("gla_intra=reference"):
+    with use_backends("gla_intra=reference,gla_scan=reference"):
         ours = run(braid_chunk_gla)
     assert_parity(ours, run(fla_chunk_gla), LIBRARY_TOL)
 
@@ -566,6 +572,58 @@ def test_gla_intra_triton_against_float64(B, T, H, K, scale):
     assert err < 1e-5, err
     assert not A[~lower].any()
     assert torch.equal(A, gla_fwd_intra(q, k, g, scale, chunk_size=chunk))
+
+
+@pytest.mark.parametrize("docs, with_state", [(False, False), (False, True), (True, True)],
+                         ids=["rows", "state", "docs-state"])
+def test_gla_scan_triton_matches_the_library(docs, with_state):
+    """braid's pass over the chunks (gla_scan=triton) against fla's chunk_fwd_h and chunk_bwd_dh
+    at hybrid-374m's GLA shape, bf16: the same bf16 operands and float32 sums, each chunk's sum
+    added to the decayed state after the dot instead of inside it (LIBRARY_TOL), and
+    bit-identical from run to run."""
+    require("gla", "fla")
+    require("gla_scan", "triton")
+    from fla.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
+    from fla.ops.utils import prepare_chunk_indices
+    from fla.ops.utils.constant import RCP_LN2
+    from fla.ops.utils.cumsum import chunk_local_cumsum
+
+    from braid.kernels.gla.scan_triton import gla_state_grads, gla_states
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    B, T, H, K, V, chunk = 2, 8192, 8, 64, 128, 64
+    cu_seqlens = chunk_indices = None
+    if docs:
+        B, T = 1, 2 * 1000
+        cu_seqlens = torch.tensor([0, 300, 301, 640, T], device="cuda")
+        chunk_indices = prepare_chunk_indices(cu_seqlens, chunk)
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    q, k, do = (torch.randn(B, T, H, K if i < 2 else V, generator=gen, device="cuda").to(torch.bfloat16)
+                for i in range(3))
+    v = torch.randn(B, T, H, V, generator=gen, device="cuda").to(torch.bfloat16)
+    step = F.logsigmoid(torch.randn(B, T, H, K, generator=gen, device="cuda")) / 16
+    g = chunk_local_cumsum(step, chunk, scale=RCP_LN2, cu_seqlens=cu_seqlens)
+    h0 = torch.randn(N, H, K, V, generator=gen, device="cuda") if with_state else None
+    dht = torch.randn(N, H, K, V, generator=gen, device="cuda")
+    scale = K**-0.5
+    theirs = chunk_fwd_h(k=k, v=v, g=None, gk=g, gv=None, h0=h0, output_final_state=True, cu_seqlens=cu_seqlens,
+                         chunk_size=chunk, states_in_fp32=True)
+    theirs_grads = chunk_bwd_dh(q=q, k=k, v=v, g=None, gk=g, gv=None, do=do, h0=h0, dht=dht, scale=scale,
+                                cu_seqlens=cu_seqlens, chunk_size=chunk, states_in_fp32=True)
+
+    def run():
+        return (*gla_states(k, v, g, h0, True, cu_seqlens, chunk, chunk_indices),
+                *gla_state_grads(q, do, g, scale, dht, with_state, cu_seqlens, chunk, chunk_indices))
+
+    ours, again = run(), run()
+    assert all(a is b is None or torch.equal(a, b) for a, b in zip(ours, again))
+    for name, a, b in zip(("h", "final", "dh", "dh0"), ours, (*theirs, *theirs_grads)):
+        if b is None:
+            assert a is None, name
+            continue
+        err = relative_error(a, b)
+        print(f"{name}: {err:.2e} relative to fla's")
+        assert err < LIBRARY_TOL, (name, err)
 
 
 def _fwd_bwd(fn, leaves: dict, cotangents: list):

@@ -40,7 +40,8 @@ FAST_BACKENDS: dict[str, tuple[str, ...]] = {
     "conv": ("triton", "fla"),  # braid's own: faster in the hybrid (docs/benchmarks.md); fla's for conv states
     "gla": ("fla",),
     "gla_step": ("fla",),
-    "gla_intra": ("triton",),  # a step of fla's GLA backward; its fallback ("reference") is fla's kernel
+    "gla_intra": ("triton",),  # steps inside fla's GLA; their fallback ("reference") is fla's kernels
+    "gla_scan": ("triton",),  # the same for GLA's pass over the chunks (fla's chunk_fwd_h, chunk_bwd_dh)
     "attention": ("sdpa", "flash_attn", "cudnn", "flex", "torch_flash"),
     "norm": ("triton", "liger"),
     "gated_norm": ("triton",),
@@ -58,6 +59,7 @@ BACKEND_MODULES: dict[tuple[str, str], str] = {
     ("gla", "fla"): "braid.kernels.gla.fla",
     ("gla_step", "fla"): "braid.kernels.gla.fla",
     ("gla_intra", "triton"): "braid.kernels.gla.intra_triton",
+    ("gla_scan", "triton"): "braid.kernels.gla.scan_triton",
     ("attention", "sdpa"): "braid.kernels.attention.sdpa",
     ("attention", "flash_attn"): "braid.kernels.attention.flash",
     ("attention", "cudnn"): "braid.kernels.attention.cudnn",
@@ -74,7 +76,7 @@ BACKEND_MODULES: dict[tuple[str, str], str] = {
 FUSED_BY_COMPILE = frozenset({"norm", "gated_norm", "swiglu"})
 # Backends that run only when forced (e.g. BRAID_KERNELS="conv=triton"), not under auto: a new
 # kernel waits here until its GPU parity test and a benchmark have run.
-OPT_IN: frozenset[tuple[str, str]] = frozenset({("router", "triton")})
+OPT_IN: frozenset[tuple[str, str]] = frozenset({("router", "triton"), ("gla_scan", "triton")})
 
 _settings: dict[str, str] = {}
 _default = [AUTO]

@@ -73,10 +73,7 @@ def _chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
     chunk_indices = _chunk_indices(cu_seqlens, cu_seqlens_cpu, chunk_size)
     with torch.cuda.device(q.device):
         g_cumsum = chunk_local_cumsum(g, chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens)
-        h, final = chunk_fwd_h(
-            k=k, v=v, g=None, gk=g_cumsum, gv=None, h0=initial_state, output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True,
-        )
+        h, final = _states(k, v, g_cumsum, initial_state, output_final_state, cu_seqlens, chunk_size, chunk_indices)
         A = _intra_scores(q, k, g_cumsum, scale, cu_seqlens, chunk_size, chunk_indices)
         o = chunk_gla_fwd_o_gk(
             q=q, v=v, g=g_cumsum, A=A, h=h, scale=scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
@@ -121,14 +118,8 @@ def _chunk_gla_backward(do, dfinal, q, k, v, scale, initial_state, A, g_cumsum, 
             dA = chunk_gla_bwd_dA(v=v, do=do, scale=scale, chunk_indices=chunk_indices, **varlen)
             dq, dk = _dqk_intra(q, k, g_cumsum, dA, chunk_indices, varlen)
         if not h.numel():  # with documents the forward kept no states
-            h, _ = chunk_fwd_h(
-                k=k, v=v, g=None, gk=g_cumsum, gv=None, h0=initial_state, output_final_state=False,
-                states_in_fp32=True, **varlen,
-            )
-        dh, dinitial = chunk_bwd_dh(
-            q=q, k=k, v=v, g=None, gk=g_cumsum, gv=None, do=do, h0=initial_state, dht=dfinal, scale=scale,
-            states_in_fp32=True, **varlen,
-        )
+            h, _ = _states(k, v, g_cumsum, initial_state, False, cu_seqlens, chunk_size, chunk_indices)
+        dh, dinitial = _state_grads(q, k, v, do, g_cumsum, scale, initial_state, dfinal, varlen, chunk_indices)
         dv = chunk_gla_bwd_dv(k=k, g=g_cumsum, A=A, do=do, dh=dh, chunk_indices=chunk_indices, **varlen)
         join(q.device)
         dq, dk, dg = chunk_gla_bwd_dqkg(
@@ -143,6 +134,31 @@ def _chunk_gla_backward(do, dfinal, q, k, v, scale, initial_state, A, g_cumsum, 
 def _(do, dfinal, q, k, v, scale, initial_state, A, g_cumsum, h, cu_seqlens, cu_seqlens_cpu):
     grads = (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), g_cumsum.new_empty(g_cumsum.shape))
     return (*grads, optional_fake(initial_state, q))
+
+
+def _states(k, v, g_cumsum, initial_state, output_final_state, cu_seqlens, chunk_size, chunk_indices):
+    """(h, final): the float32 state entering each chunk; braid's two-kernel pass (op "gla_scan",
+    backend "triton", opt-in) or fla's `chunk_fwd_h`."""
+    if pick("gla_scan", k, v, g_cumsum) == "triton":
+        return backend_module("gla_scan", "triton").gla_states(
+            k, v, g_cumsum, initial_state, output_final_state, cu_seqlens, chunk_size, chunk_indices
+        )
+    return chunk_fwd_h(
+        k=k, v=v, g=None, gk=g_cumsum, gv=None, h0=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True,
+    )
+
+
+def _state_grads(q, k, v, do, g_cumsum, scale, initial_state, dfinal, varlen, chunk_indices):
+    """(dh, dinitial): the states' gradients, on braid's pass ("gla_scan") or fla's `chunk_bwd_dh`."""
+    if pick("gla_scan", q, do, g_cumsum) == "triton":
+        return backend_module("gla_scan", "triton").gla_state_grads(
+            q, do, g_cumsum, scale, dfinal, initial_state is not None, chunk_indices=chunk_indices, **varlen
+        )
+    return chunk_bwd_dh(
+        q=q, k=k, v=v, g=None, gk=g_cumsum, gv=None, do=do, h0=initial_state, dht=dfinal, scale=scale,
+        states_in_fp32=True, **varlen,
+    )
 
 
 def _intra_scores(q, k, g_cumsum, scale, cu_seqlens, chunk_size, chunk_indices):

@@ -30,7 +30,6 @@ smallest side), P row parts of the backward.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -38,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from braid.kernels.custom_ops import cuda_op
+from braid.kernels.interpreter import interpreted
 
 MAX_EXPERTS = 64
 BLOCK_N = 64  # rows a program (forward) or a step (backward) takes
@@ -150,12 +150,6 @@ def _rows_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _interpreted() -> bool:
-    """Under Triton's interpreter (the CPU tests), whose bf16 dots came out wrong (Triton 3.8,
-    2026-11-29): there the dots take their bf16 tiles as float32, the same exact products."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _padded(num_experts: int) -> int:
     return max(triton.next_power_of_2(num_experts), 16)
 
@@ -170,7 +164,7 @@ def router_forward(x_ND: Tensor, weight_ED: Tensor) -> Tensor:
     _router_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
         x_ND, weight_ED, logits_NE, N, D, E, x_ND.stride(0), weight_ED.stride(0),
         EP=_padded(E), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, X_SPLIT=x_ND.dtype != torch.bfloat16,
-        IEEE_F32=_interpreted(), num_warps=4,
+        IEEE_F32=interpreted(), num_warps=4,
     )
     return logits_NE
 
@@ -190,7 +184,7 @@ def router_backward(dlogits_NE: Tensor, x_ND: Tensor, weight_ED: Tensor) -> tupl
     _router_bwd_kernel[(parts, triton.cdiv(D, BLOCK_D))](
         x_ND, weight_ED, dlogits_NE, dx_ND, dw_PED, N, D, E, x_ND.stride(0), weight_ED.stride(0),
         dx_ND.stride(0), rows_per_part, EP=EP, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, X_SPLIT=x_ND.dtype != torch.bfloat16,
-        IEEE_F32=_interpreted(), num_warps=4,
+        IEEE_F32=interpreted(), num_warps=4,
     )
     return dx_ND, dw_PED[:, :E].sum(0).to(weight_ED.dtype)
 
