@@ -6,7 +6,9 @@ backward would recompute, and of `chunk_gla_bwd`, whose in-chunk part runs on a 
 beside the state-gradient pass: braid.kernels.streams) are custom ops with fake kernels,
 `braid::fla_chunk_gla` and its backward: torch.compile keeps them as opaque nodes in one graph.
 The two in-chunk steps (the scores A forward, their dq and dk backward) run on braid's kernels
-(braid.kernels.gla.intra_triton, op "gla_intra") unless `BRAID_KERNELS=gla_intra=reference`.
+(braid.kernels.gla.intra_triton, op "gla_intra") unless `BRAID_KERNELS=gla_intra=reference`;
+the pass over the chunks can run on braid's (braid.kernels.gla.scan_triton, `gla_scan=triton`,
+opt-in).
 
 Documents run as fla varlen segments: an initial state applies to each row's first
 segment, the final state is read from each row's last one. fla's chunk length is its own
