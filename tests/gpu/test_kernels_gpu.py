@@ -556,8 +556,8 @@ def test_gla_intra_triton_against_float64(B, T, H, K, scale):
     # the forward's in-chunk scores A (fla leaves the blocks above the diagonal unwritten)
     scale = K**-0.5
     A = gla_fwd_intra(q, k, g, scale, chunk_size=chunk)
-    lower = (torch.arange(T, device="cuda")[:, None] % chunk >= torch.arange(chunk, device="cuda")).expand(B, H, T, chunk)
-    lower = lower.permute(0, 2, 1, 3)
+    position, column = torch.arange(T, device="cuda")[:, None] % chunk, torch.arange(chunk, device="cuda")
+    lower = (position >= column).expand(B, H, T, chunk).permute(0, 2, 1, 3)  # (B, T, H, chunk)
     want_A = torch.zeros(B, T, H, chunk, dtype=torch.float64, device="cuda")
     for s in range(0, T, chunk):
         e = min(s + chunk, T)
