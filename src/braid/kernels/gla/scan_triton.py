@@ -13,8 +13,8 @@ the bytes moved would take about 40 us. Here the pass is split in two:
 forward: a = k, w = gk_last - gk, b = v, and state_c (stored) is the state entering chunk c;
 backward (in reverse): a = q * scale, w = gk, b = do, and state_c is the gradient of the
 state entering chunk c. The local terms are written into the output buffer, which the pass
-then overwrites in place with the states; its loads do not wait for the state, so they run
-ahead. The products round as fla's (bf16 operands, float32 sums), but each chunk's dot is
+then overwrites in place with the states; its loads do not depend on the state, so Triton's
+pipelining (num_stages) can issue them ahead. Not yet timed on a GPU. The products round as fla's (bf16 operands, float32 sums), but each chunk's dot is
 summed on its own before it is added to the decayed state, so results differ from fla's by
 float32 rounding. Runs on CPU tensors under TRITON_INTERPRET=1 (the CI parity test).
 
