@@ -32,26 +32,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from braid.kernels.gla.chunks_triton import chunk_in_sequence
+
 MAX_SPLIT = 64.0  # the largest |g - g_n| (log2) for which a diagonal block is taken as one dot
 # The fastest of warps {2, 4, 8} x stages {1, 2, 3} on an H200 at hybrid-374m's shape (B2 T8192
 # H8 K64, chunk 64; CUDA-graph replay), for the backward: 118.5 us (4 warps, 2 stages: 139.2),
 # fla's 261.9 us. The forward at the same setting: 94.0 us (93.2 at 1 or 2 stages), fla's 112.0.
 NUM_WARPS, NUM_STAGES = 2, 3
-
-
-@triton.jit
-def _chunk_in_sequence(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN: tl.constexpr):
-    """(the chunk's index in its sequence, the sequence's first row, its length) for program
-    chunk i_t of row i_b: rows of T steps, or fla's varlen (sequence, chunk) pairs."""
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_b.to(tl.int64) * T
-        eos = bos + T
-    return i_t, bos, (eos - bos).to(tl.int32)
 
 
 @triton.jit
@@ -93,7 +80,7 @@ def _gla_bwd_intra_kernel(
     i_bh = tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_k, i_i = i_kc // NC, i_kc % NC
-    i_t, bos, T = _chunk_in_sequence(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN)
+    i_t, bos, T = chunk_in_sequence(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN)
     row0 = i_t * BT + i_i * BC  # this sub-chunk's first row in the sequence
     if row0 >= T:
         return
@@ -175,7 +162,7 @@ def _gla_fwd_intra_kernel(
     i_t, i_i = tl.program_id(0) // NC, tl.program_id(0) % NC
     i_bh = tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    i_t, bos, T = _chunk_in_sequence(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN)
+    i_t, bos, T = chunk_in_sequence(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN)
     row0 = i_t * BT + i_i * BC
     if row0 >= T:
         return

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from braid.kernels.gla.chunks_triton import chunk_in_sequence
 from braid.kernels.interpreter import interpreted
 
 BLOCK_PASS = 512  # state elements per program of the pass
@@ -47,16 +48,9 @@ def _local_states_kernel(
     i_c, i_bh, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_k, i_v = i_kv // NV, i_kv % NV
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        slot = i_c.to(tl.int64)
-    else:
-        i_t = i_c
-        bos = i_b.to(tl.int64) * T
-        slot = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_c
+    # the output slot: the chunk's place among all chunks (packed), or in its row's chunks
+    slot = i_c.to(tl.int64) if IS_VARLEN else i_b.to(tl.int64) * tl.cdiv(T, BT) + i_c
+    i_t, bos, T = chunk_in_sequence(cu_seqlens, chunk_indices, i_c, i_b, T, IS_VARLEN)
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
     o_k = i_k * BK + tl.arange(0, BK)

@@ -1,0 +1,23 @@
+"""Where a program's chunk lies, for braid's GLA Triton kernels (intra_triton, scan_triton):
+rows of T steps, or fla's varlen layout (documents packed in one row; chunk_indices holds a
+(sequence, chunk) pair per chunk and cu_seqlens each sequence's first row)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chunk_in_sequence(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN: tl.constexpr):
+    """(the chunk's index in its sequence, the sequence's first row, its length) for program
+    chunk i_t of row i_b."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_b.to(tl.int64) * T
+        eos = bos + T
+    return i_t, bos, (eos - bos).to(tl.int32)
