@@ -24,7 +24,6 @@ their per-op 2**-8 roundings differently. A masking or state bug is an O(0.1-1) 
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 
 import pytest
@@ -502,22 +501,6 @@ def test_gla_fla_matches_the_library(docs, with_state):
     assert_parity(ours, run(fla_chunk_gla), LIBRARY_TOL)
 
 
-def _gla_intra_float64(q, k, g, dA, chunk):
-    """GLA's in-chunk (dq, dk) from their definition in float64, rows of (B, T, H, K), chunk by chunk
-    (tests/kernels/test_gla_intra.py's oracle, on the GPU)."""
-    q, k, g, dA = (t.double() for t in (q, k, g, dA))
-    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-    for s in range(0, q.shape[1], chunk):
-        e = min(s + chunk, q.shape[1])
-        n, gc = e - s, g[:, s:e]
-        lower = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None, :, :, None, None]
-        decay = torch.exp2(torch.where(lower, gc[:, :, None] - gc[:, None], -math.inf))  # [B, i, j, H, K]
-        dAc = dA[:, s:e, :, :n].permute(0, 1, 3, 2)[..., None]  # [B, i, j, H, 1]
-        dq[:, s:e] = (dAc * decay * k[:, None, s:e]).sum(2)
-        dk[:, s:e] = (dAc * decay * q[:, s:e, None]).sum(1)
-    return dq, dk
-
-
 # (B, T, H, K, gate scale): hybrid-374m's shape, an odd length with a partial chunk and a
 # masked channel block, and gates steep enough for the diagonal blocks' row-by-row pass.
 GLA_INTRA_CASES = [(2, 8192, 8, 64, 2.0), (2, 1000, 4, 40, 2.0), (1, 1000, 4, 64, 300.0)]
@@ -530,13 +513,16 @@ def test_gla_intra_triton_against_float64(B, T, H, K, scale):
     are printed beside them."""
     require("gla", "fla")
     require("gla_intra", "triton")
-    from fla.ops.gla.chunk import chunk_gla_bwd_dqk_intra
+    from fla.ops.gla.chunk import chunk_gla_bwd_dqk_intra, chunk_gla_fwd_intra_gk
     from fla.ops.utils.constant import RCP_LN2
     from fla.ops.utils.cumsum import chunk_local_cumsum
 
-    from fla.ops.gla.chunk import chunk_gla_fwd_intra_gk
-
     from braid.kernels.gla.intra_triton import gla_bwd_intra, gla_fwd_intra
+    from tests.kernels.test_gla_intra import reference, reference_scores
+
+    def per_row(oracle, *tensors, **kwargs):  # the CPU test's float64 oracles, (T, ...) a row at a time
+        rows = [oracle(*(t[b].double() for t in tensors), [T], chunk, **kwargs) for b in range(B)]
+        return torch.stack(rows) if isinstance(rows[0], torch.Tensor) else [torch.stack(r) for r in zip(*rows)]
 
     gen = torch.Generator(device="cuda").manual_seed(T + K)
     chunk = 64
@@ -544,7 +530,7 @@ def test_gla_intra_triton_against_float64(B, T, H, K, scale):
     step = F.logsigmoid(torch.randn(B, T, H, K, generator=gen, device="cuda") * scale - scale / 4) / 16
     g = chunk_local_cumsum(step, chunk, scale=RCP_LN2)
     dA = torch.randn(B, T, H, chunk, generator=gen, device="cuda")
-    want = _gla_intra_float64(q, k, g, dA, chunk)
+    want = per_row(reference, q, k, g, dA)
     ours = gla_bwd_intra(q, k, g, dA, chunk_size=chunk)
     again = gla_bwd_intra(q, k, g, dA, chunk_size=chunk)
     theirs = chunk_gla_bwd_dqk_intra(q=q, k=k, g=g, dA=dA, chunk_size=chunk)
@@ -558,14 +544,7 @@ def test_gla_intra_triton_against_float64(B, T, H, K, scale):
     A = gla_fwd_intra(q, k, g, scale, chunk_size=chunk)
     position, column = torch.arange(T, device="cuda")[:, None] % chunk, torch.arange(chunk, device="cuda")
     lower = (position >= column).expand(B, H, T, chunk).permute(0, 2, 1, 3)  # (B, T, H, chunk)
-    want_A = torch.zeros(B, T, H, chunk, dtype=torch.float64, device="cuda")
-    for s in range(0, T, chunk):
-        e = min(s + chunk, T)
-        n, gc = e - s, g[:, s:e].double()
-        mask = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()[None, :, :, None, None]
-        decay = torch.exp2(torch.where(mask, gc[:, :, None] - gc[:, None], -math.inf))  # [B, i, j, H, K]
-        scores = (q[:, s:e, None].double() * k[:, None, s:e].double() * decay).sum(-1) * scale  # [B, i, j, H]
-        want_A[:, s:e, :, :n] = scores.permute(0, 1, 3, 2)
+    want_A = per_row(reference_scores, q, k, g, scale=scale)
     fla_A = chunk_gla_fwd_intra_gk(q=q, k=k, g=g, scale=scale, chunk_size=chunk)
     err = relative_error(A, want_A)
     print(f"A: braid {err:.2e}, fla {relative_error(torch.where(lower, fla_A, 0.0), want_A):.2e}")

@@ -40,7 +40,8 @@ def chunk_log2_gates(lengths, H, K, chunk, scale, gen):
 
 
 def reference(q, k, g, dA, lengths, chunk):
-    """(dq, dk) in float64 from the definition, sequence by sequence, chunk by chunk."""
+    """(dq, dk) in float64 from the definition, sequence by sequence, chunk by chunk; (T, H, K)
+    float64 inputs on any device (tests/gpu runs it on the GPU, row by row)."""
     dq, dk = torch.zeros_like(q), torch.zeros_like(k)
     start = 0
     for length in lengths:
@@ -48,7 +49,7 @@ def reference(q, k, g, dA, lengths, chunk):
             e = min(s + chunk, start + length)
             n = e - s
             gc = g[s:e]
-            lower = torch.ones(n, n, dtype=torch.bool).tril()[:, :, None, None]
+            lower = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[:, :, None, None]
             exponent = torch.where(lower, gc[:, None] - gc[None, :], -math.inf)  # [i, j, H, K]
             decay = torch.exp2(exponent)
             dAc = dA[s:e, :, :n].permute(0, 2, 1)[..., None]  # [i, j, H, 1]
@@ -60,13 +61,13 @@ def reference(q, k, g, dA, lengths, chunk):
 
 def reference_scores(q, k, g, lengths, chunk, scale):
     """The in-chunk attention scores A (T, H, chunk) in float64: zero above the diagonal."""
-    A = torch.zeros(q.shape[0], q.shape[1], chunk, dtype=torch.float64)
+    A = torch.zeros(q.shape[0], q.shape[1], chunk, dtype=torch.float64, device=q.device)
     start = 0
     for length in lengths:
         for s in range(start, start + length, chunk):
             e = min(s + chunk, start + length)
             n, gc = e - s, g[s:e]
-            lower = torch.ones(n, n, dtype=torch.bool).tril()[:, :, None, None]
+            lower = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[:, :, None, None]
             decay = torch.exp2(torch.where(lower, gc[:, None] - gc[None, :], -math.inf))  # [i, j, H, K]
             A[s:e, :, :n] = (q[s:e, None] * k[None, s:e] * decay).sum(-1).permute(0, 2, 1) * scale
         start += length
