@@ -285,18 +285,25 @@ def bench_gla(bench: Bench) -> None:
     bench.add("gla", "reference (chunk 64)", shape, make, flops=flops, force="reference")
 
 
+def chunk_log2_gates(H: int, K: int, C: int):
+    """GLA gates as fla's chunk kernels take them, (B, T, H, K) float32: log-sigmoid decays
+    (normaliser 16, hybrid-374m's) summed within each chunk of C steps, in log2 units."""
+    from fla.ops.utils.constant import RCP_LN2
+    from fla.ops.utils.cumsum import chunk_local_cumsum
+
+    return chunk_local_cumsum(F.logsigmoid(torch.randn(B, T, H, K, device="cuda")) / 16, C, scale=RCP_LN2)
+
+
 def bench_gla_intra(bench: Bench) -> None:
     """GLA's in-chunk backward (dq, dk from dA), one step of the GLA backward: braid's kernel
     (one dot per diagonal block) against fla's `chunk_gla_bwd_dqk_intra` (row by row there)."""
     from fla.ops.gla.chunk import chunk_gla_bwd_dqk_intra
-    from fla.ops.utils.constant import RCP_LN2
-    from fla.ops.utils.cumsum import chunk_local_cumsum
 
     H, K, C = 8, 64, 64
     shape = f"B{B} T{T} H{H} K{K} chunk {C}"
 
     def inputs():
-        g = chunk_local_cumsum(F.logsigmoid(torch.randn(B, T, H, K, device="cuda")) / 16, C, scale=RCP_LN2)
+        g = chunk_log2_gates(H, K, C)
         return randn(B, T, H, K), randn(B, T, H, K), g, torch.randn(B, T, H, C, device="cuda")
 
     def braid():
@@ -321,14 +328,12 @@ def bench_gla_scan(bench: Bench) -> None:
     the GLA forward and one of its backward: braid's two kernels (chunk-local terms, then an
     element-wise pass) against fla's `chunk_fwd_h` and `chunk_bwd_dh` (one sequential kernel)."""
     from fla.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
-    from fla.ops.utils.constant import RCP_LN2
-    from fla.ops.utils.cumsum import chunk_local_cumsum
 
     H, K, V, C = 8, 64, 128, 64
     shape = f"B{B} T{T} H{H} K{K} V{V} chunk {C}"
 
     def inputs():
-        g = chunk_local_cumsum(F.logsigmoid(torch.randn(B, T, H, K, device="cuda")) / 16, C, scale=RCP_LN2)
+        g = chunk_log2_gates(H, K, C)
         return randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V), randn(B, T, H, V), g
 
     def braid(backward):
