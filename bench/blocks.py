@@ -23,6 +23,7 @@ add up to the model's blocks; embedding, head, loss and optimizer are not includ
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from collections import defaultdict
 
@@ -91,12 +92,7 @@ def interleaved(replays: list, rounds: int, time_one=None) -> list[list[float]]:
 
 def ab_summary(times: list[list[float]]) -> tuple[float, float, float, float, float]:
     """(median A ms, median B ms, B/A of the medians, lowest and highest per-round B/A)."""
-    def median(values):
-        ordered = sorted(values)
-        mid = len(ordered) // 2
-        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-    a, b = median([t[0] for t in times]), median([t[1] for t in times])
+    a, b = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
     ratios = [t[1] / t[0] for t in times]
     return a, b, b / a, min(ratios), max(ratios)
 
