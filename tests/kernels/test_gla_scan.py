@@ -1,7 +1,8 @@
 """braid's GLA pass over the chunks (braid.kernels.gla.scan_triton: the states entering each
 chunk, and their gradients) against the recurrence written out in float64, run by Triton's
 interpreter on CPU tensors (TRITON_INTERPRET=1 in a child process): rows and packed
-documents, partial last chunks, initial and final states, masked and multiple blocks.
+documents, partial last chunks, initial and final states, masked and multiple blocks, sequences of more
+chunks than the pass takes in one step.
 
 Tolerance: float32 inputs, 1e-5 relative to float64 (float32 products and sums). bf16 inputs
 are checked on the GPU against fla's kernels (tests/gpu): with bf16 inputs the kernels round
@@ -25,6 +26,9 @@ CASES = [  # (name, lengths, packed, H, K, V, chunk, dtype, with initial state)
     ("rows, no initial state", [100, 100], False, 2, 32, 64, 32, torch.float32, False),
     ("packed", [37, 93, 70], True, 2, 40, 32, 32, torch.float32, True),
     ("two blocks", [70], False, 1, 96, 80, 16, torch.float32, True),
+    # more chunks than the pass takes in one step (scan_triton.STEP_PASS), ending part-way through a step
+    ("rows, many chunks", [300, 300], False, 1, 16, 32, 16, torch.float32, True),
+    ("packed, many chunks", [150, 45, 270], True, 1, 16, 16, 16, torch.float32, False),
 ]
 
 
@@ -130,7 +134,8 @@ def test_gla_scan_kernels_compile_for_hopper(kernel, varlen):
     fn = getattr(scan_triton, kernel)
     offsets = "*i64" if varlen else "constexpr"
     for reverse in (False, True):
-        constants = dict(H=8, K=64, V=128, BT=64, BK=64, BV=64, NV=2, BLOCK=512, IS_VARLEN=varlen, REVERSE=reverse,
+        constants = dict(H=8, K=64, V=128, BT=64, BK=64, BV=64, NV=2, BLOCK=scan_triton.BLOCK_PASS,
+                         STEP=scan_triton.STEP_PASS, IS_VARLEN=varlen, REVERSE=reverse,
                          EXACT_F32=False, HAS_INITIAL=True, HAS_FINAL=True)
         types = dict(a="*bf16", b="*bf16", gk="*fp32", out="*fp32", states="*fp32", initial="*fp32", final="*fp32",
                      cu_seqlens=offsets, chunk_indices=offsets, chunk_offsets=offsets, scale="fp32", T="i32",

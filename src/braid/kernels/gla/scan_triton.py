@@ -13,10 +13,14 @@ the bytes moved would take about 40 us. Here the pass is split in two:
 forward: a = k, w = gk_last - gk, b = v, and state_c (stored) is the state entering chunk c;
 backward (in reverse): a = q * scale, w = gk, b = do, and state_c is the gradient of the
 state entering chunk c. The local terms are written into the output buffer, which the pass
-then overwrites in place with the states; its loads do not depend on the state, so Triton's
-pipelining (num_stages) can issue them ahead. Not yet timed on a GPU. The products round as fla's (bf16 operands, float32 sums), but each chunk's dot is
-summed on its own before it is added to the decayed state, so results differ from fla's by
-float32 rounding. Runs on CPU tensors under TRITON_INTERPRET=1 (the CI parity test).
+then overwrites in place with the states. The pass takes STEP_PASS chunks per loop step (one
+load, a tl.associative_scan of the composed updates, one store): one chunk per step waited
+on every load and took 328 us forward on an H200 at the shape above, four take 124 us, level
+with fla's 134 us (docs/benchmarks.md, fifteenth measurement). In the GLA layer it measured
+1.7% slower than fla's, so the op is opt-in. The products round as fla's (bf16 operands,
+float32 sums), but each chunk's dot is summed on its own before it is added to the decayed
+state, so results differ from fla's by float32 rounding. Runs on CPU tensors under
+TRITON_INTERPRET=1 (the CI parity test).
 
 Legend: B batch, T time, H heads, K key head dim, V value head dim, C chunks (all rows, or
 all documents packed), N sequences.
@@ -32,9 +36,12 @@ from torch import Tensor
 from braid.kernels.gla.chunks_triton import chunk_in_sequence
 from braid.kernels.interpreter import interpreted
 
-BLOCK_PASS = 512  # state elements per program of the pass
+# State elements per program of the pass and chunks per loop step: the fastest of blocks {256,
+# 512, 1024} x steps {4, 8, 16} x warps {4, 8} on an H200 at the shape above (fifteenth measurement).
+BLOCK_PASS = 256
+STEP_PASS = 4
 NUM_WARPS_LOCAL, NUM_STAGES_LOCAL = 4, 2
-NUM_WARPS_PASS, NUM_STAGES_PASS = 4, 3
+NUM_WARPS_PASS, NUM_STAGES_PASS = 8, 3
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -77,14 +84,24 @@ def _local_states_kernel(
     tl.store(p_out, b_s, mask=m_k[:, None] & m_v[None, :])
 
 
+@triton.jit
+def _compose(decay_1, local_1, decay_2, local_2):
+    """Two chunks' updates x -> decay * x + local, the first then the second, as one."""
+    return decay_1 * decay_2, decay_2 * local_1 + local_2
+
+
 @triton.jit(do_not_specialize=["T"])
 def _pass_kernel(
     states, gk, initial, final, cu_seqlens, chunk_offsets, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BLOCK: tl.constexpr,
-    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, HAS_INITIAL: tl.constexpr, HAS_FINAL: tl.constexpr,
+    STEP: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, HAS_INITIAL: tl.constexpr,
+    HAS_FINAL: tl.constexpr,
 ):
     """The pass over one sequence's chunks for one head and BLOCK state elements: each slot
-    holds the chunk's local term on entry and the state before the chunk on exit."""
+    holds the chunk's local term on entry and the state before the chunk on exit. It takes
+    STEP chunks at a time: one load of their terms and decays, a scan over them (tl's
+    associative_scan of the composed updates), one store; so the loop waits on memory once
+    per STEP chunks instead of once per chunk."""
     i_nh, i_e = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     if IS_VARLEN:
@@ -98,17 +115,29 @@ def _pass_kernel(
     o_e = i_e * BLOCK + tl.arange(0, BLOCK)
     m_e = o_e < K * V
     o_k = o_e // V
+    o_s = tl.arange(0, STEP)
     state = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_INITIAL:
         state = tl.load(initial + i_nh.to(tl.int64) * K * V + o_e, mask=m_e, other=0.0).to(tl.float32)
-    for step in range(0, n_chunks):
-        i_t = n_chunks - 1 - step if REVERSE else step
-        p_slot = states + ((first_slot + i_t) * H + i_h) * K * V + o_e
-        local = tl.load(p_slot, mask=m_e, other=0.0)
+    for start in range(0, n_chunks, STEP):
+        n_s = start + o_s  # the chunks' places in the pass's order
+        i_t = n_chunks - 1 - n_s if REVERSE else n_s
+        m_se = (n_s < n_chunks)[:, None] & m_e[None, :]
+        p_se = states + ((first_slot + i_t)[:, None] * H + i_h) * K * V + o_e[None, :]
+        local = tl.load(p_se, mask=m_se, other=0.0)
         last = tl.minimum(i_t * BT + BT, T) - 1
-        decay = tl.exp2(tl.load(gk + ((bos + last) * H + i_h) * K + o_k, mask=m_e, other=0.0))
-        tl.store(p_slot, state, mask=m_e)
-        state = decay * state + local
+        # past the last chunk: decay 1 and term 0, so the carried state comes out unchanged
+        decay = tl.exp2(tl.load(gk + ((bos + last)[:, None] * H + i_h) * K + o_k[None, :], mask=m_se, other=0.0))
+        decays, terms = tl.associative_scan((decay, local), 0, _compose)
+        after = decays * state[None, :] + terms  # the state after each chunk
+        # the state before a chunk is the one after the chunk before it: a slot further on
+        if REVERSE:
+            p_before, first = p_se - H * K * V, n_chunks - 1 - start
+        else:
+            p_before, first = p_se + H * K * V, start
+        tl.store(p_before, after, mask=((o_s < STEP - 1) & (n_s + 1 < n_chunks))[:, None] & m_e[None, :])
+        tl.store(states + ((first_slot + first) * H + i_h) * K * V + o_e, state, mask=m_e)
+        state = tl.sum(tl.where((o_s == STEP - 1)[:, None], after, 0.0), axis=0)
     if HAS_FINAL:
         tl.store(final + i_nh.to(tl.int64) * K * V + o_e, state, mask=m_e)
 
@@ -139,7 +168,7 @@ def _scan(a, b, gk, initial, want_final, scale, cu_seqlens, chunk_size, chunk_in
     final = torch.empty(N, H, K, V, device=a.device, dtype=torch.float32) if want_final else None
     _pass_kernel[(N * H, triton.cdiv(K * V, BLOCK_PASS))](
         states, gk, initial, final, cu_seqlens, _chunk_offsets(cu_seqlens, BT) if varlen else None, T,
-        H=H, K=K, V=V, BT=BT, BLOCK=BLOCK_PASS, IS_VARLEN=varlen, REVERSE=reverse,
+        H=H, K=K, V=V, BT=BT, BLOCK=BLOCK_PASS, STEP=STEP_PASS, IS_VARLEN=varlen, REVERSE=reverse,
         HAS_INITIAL=initial is not None, HAS_FINAL=want_final,
         num_warps=NUM_WARPS_PASS, num_stages=NUM_STAGES_PASS,
     )
