@@ -361,6 +361,47 @@ def bench_gla_scan(bench: Bench) -> None:
         bench.add("gla_scan", f"fla {name}", shape, lambda b=backward: fla(b), bytes_moved=bytes_moved)
 
 
+def bench_ssd_pass(bench: Bench) -> None:
+    """Mamba-2's pass over the chunks (SSD's state passing), one step of the SSD forward and one
+    of its backward, at hybrid-374m's shape: braid's kernels (STEP chunks a loop step, a scan
+    over them) against mamba_ssm's `_state_passing_fwd` and `_state_passing_bwd` (one chunk a
+    loop step)."""
+    from braid.kernels.ssd.mamba_ssm import _combined
+
+    H, D, L = 32, 64 * 128, 128
+    C = -(-T // L)
+    shape = f"B{B} T{T} H{H} P64 N128 chunk {L}"
+
+    def inputs():
+        states, dbefore = (torch.randn(B, C, H, D, device="cuda") for _ in range(2))
+        dA_last = (-torch.rand(B, H, C, L, device="cuda").cumsum(-1) / L)[..., -1]
+        return states, dbefore, dA_last
+
+    def braid(backward):
+        from braid.kernels.ssd.pass_triton import state_pass, state_pass_backward
+
+        states, dbefore, dA_last = inputs()
+        if backward:
+            return lambda: state_pass_backward(states, dA_last, dbefore, None, None, False, BF16, BF16, L)
+        return lambda: state_pass(states, dA_last, None, None, L)
+
+    def mamba(backward):
+        states, dbefore, dA_last = inputs()
+        if backward:
+            return lambda: _combined._state_passing_bwd(states, dA_last, dbefore, chunk_size=L,
+                                                        dstates_dtype=BF16, states_dtype=BF16)
+        return lambda: _combined._state_passing_fwd(states, dA_last, chunk_size=L)
+
+    states_bytes = B * C * H * D * 4
+    for name, backward in (("fwd", False), ("bwd", True)):
+        # forward: float32 terms read, states written; backward: two float32 reads, two bf16 writes
+        bytes_moved = 3 * states_bytes if backward else 2 * states_bytes
+        bench.add("ssd_pass", f"braid triton {name}", shape, lambda b=backward: braid(b), bytes_moved=bytes_moved,
+                  force="ssd_pass=triton", backend=("ssd_pass", "triton", (torch.empty(1, device="cuda"),)))
+        bench.add("ssd_pass", f"mamba_ssm {name}", shape, lambda b=backward: mamba(b), bytes_moved=bytes_moved,
+                  force="ssd=mamba_ssm", backend=("ssd", "mamba_ssm", (torch.empty(1, device="cuda"),)))
+
+
 def bench_conv(bench: Bench) -> None:
     """At the hybrid's conv widths (x, B and C fused: 2304 channels; x alone 2048; B or C 128),
     fla's kernel and braid's own against the reference eager and compiled by inductor."""
@@ -515,6 +556,7 @@ SECTIONS = {
     "gla": bench_gla,
     "gla_intra": bench_gla_intra,
     "gla_scan": bench_gla_scan,
+    "ssd_pass": bench_ssd_pass,
     "ssd": bench_ssd,
 }
 

@@ -297,10 +297,14 @@ def ssd_inputs(B, T, dtype, *, H=32, P=64, G=1, N=128, with_state=False, seed=0)
     )
 
 
-@pytest.mark.parametrize("backend", ["fla", "mamba_ssm"])
+@pytest.mark.parametrize("backend", ["fla", "mamba_ssm", "mamba_ssm+pass"])
 @pytest.mark.parametrize("dtype, T, docs, with_state", SEQ_CASES, ids=SEQ_IDS)
 def test_ssd(backend, dtype, T, docs, with_state):
+    """"mamba_ssm+pass": mamba_ssm's SSD with braid's pass over the chunks (ssd_pass=triton)."""
+    backend, _, with_pass = backend.partition("+")
     require("ssd", backend)
+    if with_pass:
+        require("ssd_pass", "triton")
     if backend == "mamba_ssm" and dtype == torch.float32:
         pytest.skip("mamba_ssm is benchmarked in bf16; its float32 path is not used here")
     if backend == "mamba_ssm" and docs and with_state:
@@ -309,7 +313,7 @@ def test_ssd(backend, dtype, T, docs, with_state):
     leaves = ssd_inputs(B, T, dtype, with_state=with_state)
     doc_ids = doc_ids_for(B, T) if docs else None
     kwargs = dict(chunk_size=64, doc_ids_BT=doc_ids, return_final_state=True)
-    with use_backends(f"ssd={backend}"):
+    with use_backends(f"ssd={backend},ssd_pass={'triton' if with_pass else 'reference'}"):
         assert pick("ssd", *leaves.values()) == backend
         fast = run_with_grads(lambda **kw: ssd(**kw, **kwargs), leaves)
     ref = run_with_grads(lambda **kw: ssd_chunked(**kw, **kwargs), leaves)
@@ -332,7 +336,7 @@ def test_ssd_mamba_ssm_matches_the_library(docs, with_state):
     B, T, chunk = 2, 1000, 64
     leaves = ssd_inputs(B, T, torch.bfloat16, with_state=with_state)
     doc_ids = doc_ids_for(B, T) if docs else None
-    with use_backends("ssd=mamba_ssm"):
+    with use_backends("ssd=mamba_ssm,ssd_pass=reference"):
         ours = run_with_grads(lambda **kw: ssd(**kw, chunk_size=chunk, doc_ids_BT=doc_ids, return_final_state=True),
                               leaves)
     seq_idx = None if doc_ids is None else segment_index_BT(doc_ids)
@@ -345,6 +349,63 @@ def test_ssd_mamba_ssm_matches_the_library(docs, with_state):
 
     theirs = run_with_grads(library, leaves)
     assert_parity(ours, theirs, LIBRARY_TOL)
+
+
+@pytest.mark.parametrize("docs, with_state", [(False, False), (False, True), (True, False), (True, True)],
+                         ids=["rows", "state", "docs", "docs+state"])
+def test_ssd_pass_triton_matches_mamba_ssm(docs, with_state):
+    """braid's pass over the chunks (ssd_pass=triton) against mamba_ssm's _state_passing_fwd and
+    _state_passing_bwd at hybrid-374m's shape (64 chunks of 128, H32, P64 x N128 states):
+    float32 outputs within LIBRARY_TOL (the scan groups the float32 products in another
+    order), bf16 outputs within one bf16 rounding (2^-8) of mamba_ssm's float32 ones, and
+    bit-identical from run to run."""
+    require("ssd", "mamba_ssm")
+    require("ssd_pass", "triton")
+    from braid.kernels.ssd.mamba_ssm import _combined
+    from braid.kernels.ssd.pass_triton import state_pass, state_pass_backward
+    from braid.kernels.varlen import segment_index_BT
+
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    B, C, H, D, L = 2, 64, 32, 64 * 128, 128
+    T = C * L - 37 if docs else C * L  # documents: a partial last chunk too
+    seq_idx = segment_index_BT(doc_ids_for(B, T)) if docs else None
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda")
+
+    states, dbefore = randn(B, C, H, D), randn(B, C, H, D)
+    dA_last = (-torch.rand(B, H, C, L, generator=gen, device="cuda").cumsum(-1) / L)[..., -1]  # a strided view
+    initial, dfinal = (randn(B, H, D), randn(B, H, D)) if with_state else (None, None)
+    before, final = _combined._state_passing_fwd(states, dA_last, initial_states=initial, seq_idx=seq_idx,
+                                                 chunk_size=L)
+    theirs = _combined._state_passing_bwd(
+        before, dA_last, dbefore, dfinal_states=dfinal, seq_idx=seq_idx, chunk_size=L,
+        has_initial_states=with_state, dstates_dtype=torch.float32, states_dtype=torch.float32,
+    )
+
+    def run(dtype):
+        ours_before, ours_final = state_pass(states, dA_last, initial, seq_idx, L)
+        return ours_before, ours_final, *state_pass_backward(ours_before, dA_last, dbefore, dfinal, seq_idx,
+                                                             with_state, dtype, dtype, L)
+
+    ours, again = run(torch.float32), run(torch.float32)
+    assert all(a is b is None or torch.equal(a, b) for a, b in zip(ours, again))
+    for name, a, b in zip(("before", "final", "dstates", "ddA", "dinitial"), ours, (before, final, *theirs)):
+        if b is None:
+            assert a is None, name
+            continue
+        err = relative_error(a, b)
+        print(f"{name}: {err:.2e} relative to mamba_ssm's")
+        assert err < LIBRARY_TOL, (name, err)
+    low = run(torch.bfloat16)
+    for name, a, b in (("dstates bf16", low[2], theirs[0]), ("before bf16", low[5], before),
+                       ("dinitial bf16", low[4], theirs[2])):
+        if b is None:
+            continue
+        assert a.dtype == torch.bfloat16, name
+        err = relative_error(a, b)
+        print(f"{name}: {err:.2e} relative to mamba_ssm's float32")
+        assert err < 2**-8, (name, err)
 
 
 @pytest.mark.parametrize("docs", [False, True], ids=["rows", "docs"])

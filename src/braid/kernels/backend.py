@@ -37,6 +37,7 @@ AUTO = "auto"
 FAST_BACKENDS: dict[str, tuple[str, ...]] = {
     "ssd": ("fla", "mamba_ssm"),
     "ssd_step": ("fla",),
+    "ssd_pass": ("triton",),  # a step inside mamba_ssm's SSD; its fallback ("reference") is mamba_ssm's kernels
     "conv": ("triton", "fla"),  # braid's own: faster in the hybrid (docs/benchmarks.md); fla's for conv states
     "gla": ("fla",),
     "gla_step": ("fla",),
@@ -54,6 +55,7 @@ BACKEND_MODULES: dict[tuple[str, str], str] = {
     ("ssd", "fla"): "braid.kernels.ssd.fla",
     ("ssd", "mamba_ssm"): "braid.kernels.ssd.mamba_ssm",
     ("ssd_step", "fla"): "braid.kernels.ssd.fla",
+    ("ssd_pass", "triton"): "braid.kernels.ssd.pass_triton",
     ("conv", "fla"): "braid.kernels.ssd.fla",
     ("conv", "triton"): "braid.kernels.ssd.conv_triton",
     ("gla", "fla"): "braid.kernels.gla.fla",

@@ -9,6 +9,8 @@ segment only when no seq_idx is given, so doc ids with an initial state stay on 
 backends (the dispatcher excludes that call). Forward and backward run as custom ops
 (`braid::mamba_ssd`, `braid::mamba_ssd_backward_kernels`), opaque but graph-breaking nowhere under
 torch.compile; the backward's last sums run as torch ops after it (`decay_and_dt_grads`).
+The pass over the chunks (state passing, forward and backward) runs on braid's kernels
+(braid.kernels.ssd.pass_triton, op "ssd_pass") unless `BRAID_KERNELS=ssd_pass=reference`.
 
 Shape legend: B batch, T time, H heads, P head dim, G groups of B/C, N state dim.
 """
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from braid.kernels.autotune import add_configs
+from braid.kernels.backend import backend_module, pick
 from braid.kernels.custom_ops import cuda_op, drop_placeholder, optional_fake, optional_grad
 from braid.kernels.streams import beside, join
 from braid.kernels.varlen import segment_index_BT
@@ -88,6 +91,29 @@ def _kernel_layouts(x, B, C):
     return x, B.contiguous(), C.contiguous()
 
 
+def _state_passing_fwd(states, dA_last, initial_states, seq_idx, chunk_size):
+    """(states entering each chunk, final states), float32: braid's pass over the chunks (op
+    "ssd_pass", backend "triton", opt-in: braid.kernels.ssd.pass_triton) or mamba_ssm's."""
+    if pick("ssd_pass", states, dA_last) == "triton":
+        return backend_module("ssd_pass", "triton").state_pass(states, dA_last, initial_states, seq_idx, chunk_size)
+    return _combined._state_passing_fwd(
+        states, dA_last, initial_states=initial_states, seq_idx=seq_idx, chunk_size=chunk_size
+    )
+
+
+def _state_passing_bwd(states, dA_last, dstates, dfinal_states, seq_idx, has_initial_states, dtype, chunk_size):
+    """(chunk terms' gradients in dtype, dA_last's gradient, initial states' gradient or None,
+    states in dtype): the pass's backward on braid's kernel ("ssd_pass") or mamba_ssm's."""
+    if pick("ssd_pass", states, dA_last, dstates) == "triton":
+        return backend_module("ssd_pass", "triton").state_pass_backward(
+            states, dA_last, dstates, dfinal_states, seq_idx, has_initial_states, dtype, dtype, chunk_size
+        )
+    return _combined._state_passing_bwd(
+        states, dA_last, dstates, dfinal_states=dfinal_states, seq_idx=seq_idx, chunk_size=chunk_size,
+        has_initial_states=has_initial_states, dstates_dtype=dtype, states_dtype=dtype,
+    )
+
+
 # mamba_ssm's forward and backward as two custom ops with fake kernels: torch.compile keeps
 # them as opaque nodes of one graph (no graph break around each SSD, so the projections, conv
 # and gated norm around it fuse, and gradients are summed inside the compiled backward).
@@ -110,9 +136,9 @@ def _mamba_ssd(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
     N = B.shape[-1]
     dA_cumsum, dt_chunks = _combined._chunk_cumsum_fwd(dt, A, chunk_size)
     states = _combined._chunk_state_fwd(B, x, dt_chunks, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
-    states, final_states = _combined._state_passing_fwd(
-        states.flatten(-2), dA_cumsum[..., -1], seq_idx=seq_idx, chunk_size=chunk_size,
-        initial_states=None if initial_states is None else initial_states.flatten(-2),
+    states, final_states = _state_passing_fwd(
+        states.flatten(-2), dA_cumsum[..., -1], None if initial_states is None else initial_states.flatten(-2),
+        seq_idx, chunk_size,
     )
     states, final_states = states.unflatten(-1, (-1, N)), final_states.unflatten(-1, (-1, N))
     CB = _combined._bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
@@ -157,10 +183,10 @@ def _mamba_ssd_backward_kernels(dout, dfinal_states, x, dt, A, B, C, D, initial_
         ddA = _combined._chunk_scan_bwd_ddAcs_stable(x, dt_chunks, dA_cumsum, dout, CB)
     dstates = _combined._chunk_scan_bwd_dstates(C, dA_cumsum, dout, seq_idx=seq_idx, dtype=states.dtype)
     # dstates[c] is the gradient of the state entering chunk c; states comes back in x's dtype.
-    dstates, ddA_chunk_last, dinitial, states = _combined._state_passing_bwd(
-        states.flatten(-2), dA_cumsum[..., -1], dstates.flatten(-2), seq_idx=seq_idx, chunk_size=dt_chunks.shape[-1],
-        dfinal_states=None if dfinal_states is None else dfinal_states.flatten(-2),
-        has_initial_states=initial_states is not None, dstates_dtype=x.dtype, states_dtype=x.dtype,
+    dstates, ddA_chunk_last, dinitial, states = _state_passing_bwd(
+        states.flatten(-2), dA_cumsum[..., -1], dstates.flatten(-2),
+        None if dfinal_states is None else dfinal_states.flatten(-2), seq_idx, initial_states is not None, x.dtype,
+        dt_chunks.shape[-1],
     )
     states, dstates = states.unflatten(-1, (-1, N)), dstates.unflatten(-1, (-1, N))
     with beside(x.device):
