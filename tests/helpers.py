@@ -1,6 +1,8 @@
 """Shared test fixtures that are plain functions (importable by spawned test processes)."""
 
+import contextlib
 import dataclasses
+import math
 
 import torch
 
@@ -45,6 +47,18 @@ def packed_batch(step: int, vocab_size: int, batch_size: int = 8, seq_len: int =
 def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) -> float:
     """||actual - expected|| / ||expected|| in float64, the norm of expected taken as at least `floor`."""
     return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(floor)).item()
+
+
+@contextlib.contextmanager
+def nan_filled_empty():
+    """torch.empty returns NaN-filled tensors inside: a kernel output that a kernel leaves
+    unwritten then shows in the comparison instead of passing on leftover memory."""
+    empty = torch.empty
+    torch.empty = lambda *args, **kwargs: empty(*args, **kwargs).fill_(math.nan)
+    try:
+        yield
+    finally:
+        torch.empty = empty
 
 
 def run_interpreted(check: str, expected_oks: int, timeout: int = 600) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import triton
 
-from tests.helpers import relative_error, run_interpreted
+from tests.helpers import nan_filled_empty, relative_error, run_interpreted
 
 CASES = [  # (name, lengths of the sequences (one row each, or packed), packed, H, K, chunk, gate scale, max_split)
     ("rows", [100, 100], False, 2, 32, 64, 2.0, None),
@@ -81,12 +81,8 @@ def check_interpreted_gla_intra() -> None:
     from braid.kernels.gla.intra_triton import MAX_SPLIT, gla_bwd_intra, gla_fwd_intra
 
     assert triton.knobs.runtime.interpret, "TRITON_INTERPRET=1 must be set before triton is imported"
-    empty = torch.empty
-    torch.empty = lambda *args, **kwargs: empty(*args, **kwargs).fill_(math.nan)  # unwritten outputs show
-    try:
+    with nan_filled_empty():
         _check_cases(gla_bwd_intra, gla_fwd_intra, MAX_SPLIT)
-    finally:
-        torch.empty = empty
 
 
 def _check_cases(gla_bwd_intra, gla_fwd_intra, MAX_SPLIT) -> None:

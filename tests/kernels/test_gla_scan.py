@@ -19,7 +19,7 @@ import pytest
 import torch
 import triton
 
-from tests.helpers import relative_error, run_interpreted
+from tests.helpers import nan_filled_empty, relative_error, run_interpreted
 
 CASES = [  # (name, lengths, packed, H, K, V, chunk, dtype, with initial state)
     ("rows", [100, 100], False, 2, 32, 48, 32, torch.float32, True),
@@ -73,9 +73,7 @@ def check_interpreted_gla_scan() -> None:
     assert triton.knobs.runtime.interpret, "TRITON_INTERPRET=1 must be set before triton is imported"
     from braid.kernels.gla.scan_triton import gla_state_grads, gla_states
 
-    empty = torch.empty
-    torch.empty = lambda *args, **kwargs: empty(*args, **kwargs).fill_(math.nan)  # unwritten outputs show
-    try:
+    with nan_filled_empty():
         for name, lengths, packed, H, K, V, chunk, dtype, with_initial in CASES:
             gen = torch.Generator().manual_seed(len(name))
             total = sum(lengths)
@@ -105,8 +103,6 @@ def check_interpreted_gla_scan() -> None:
                 err = relative_error(states.flatten(0, 1), want_states), relative_error(final, want_final)
                 assert max(err) < 1e-5, (name, reverse, err)
                 print(f"ok {name} {'backward' if reverse else 'forward'}: states {err[0]:.1e} final {err[1]:.1e}")
-    finally:
-        torch.empty = empty
 
 
 def test_gla_scan_matches_float64_interpreted():

@@ -13,13 +13,11 @@ against mamba_ssm's.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import triton
 
-from tests.helpers import relative_error, run_interpreted
+from tests.helpers import nan_filled_empty, relative_error, run_interpreted
 
 CASES = [  # (name, B, T, H, D, chunk L, seq_idx rows or None, initial / final states, bf16 outputs)
     ("rows", 2, 150, 2, 40, 16, None, False, False),
@@ -69,9 +67,7 @@ def check_interpreted_ssd_pass() -> None:
     assert triton.knobs.runtime.interpret, "TRITON_INTERPRET=1 must be set before triton is imported"
     from braid.kernels.ssd.pass_triton import state_pass, state_pass_backward
 
-    empty = torch.empty
-    torch.empty = lambda *args, **kwargs: empty(*args, **kwargs).fill_(math.nan)  # unwritten outputs show
-    try:
+    with nan_filled_empty():
         for name, B, T, H, D, L, docs, with_states, bf16 in CASES:
             gen = torch.Generator().manual_seed(len(name))
             C = -(-T // L)
@@ -105,8 +101,6 @@ def check_interpreted_ssd_pass() -> None:
             assert dstates.dtype == cast.dtype == (low or torch.float32)
             assert max(err) < tol, (name, "backward", err)
             print(f"ok {name} backward: " + " ".join(f"{e:.1e}" for e in err))
-    finally:
-        torch.empty = empty
 
 
 def test_ssd_pass_matches_float64_interpreted():
