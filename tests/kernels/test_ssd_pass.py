@@ -22,7 +22,7 @@ from tests.helpers import nan_filled_empty, relative_error, run_interpreted
 CASES = [  # (name, B, T, H, D, chunk L, seq_idx rows or None, initial / final states, bf16 outputs)
     ("rows", 2, 150, 2, 40, 16, None, False, False),
     ("rows, initial and final states", 2, 150, 2, 40, 16, None, True, False),
-    ("two blocks, chunks a multiple of STEP", 1, 128, 1, 300, 16, None, True, False),
+    ("two blocks, chunks a multiple of STEP", 1, 128, 1, 1100, 16, None, True, False),
     ("fewer chunks than STEP", 1, 40, 3, 24, 16, None, True, False),
     ("documents", 2, 150, 2, 40, 16, [[0] * 37 + [1] * 43 + [2] * 70, [0] * 64 + [1] * 80 + [2] * 6], False, False),
     ("documents, a later first document", 1, 100, 1, 24, 16, [[3] * 50 + [4] * 50], True, False),
@@ -105,6 +105,17 @@ def check_interpreted_ssd_pass() -> None:
 
 def test_ssd_pass_matches_float64_interpreted():
     run_interpreted("tests.kernels.test_ssd_pass:check_interpreted_ssd_pass", 2 * len(CASES))
+
+
+def test_ssd_pass_cases_cover_the_kernels_blocks_and_steps():
+    """The cases keep covering a state over more than one block, and chunk counts below, at a
+    multiple of and above STEP, whatever the kernels' BLOCK and STEP are set to."""
+    from braid.kernels.ssd.pass_triton import BLOCK, STEP
+
+    chunks = [-(-T // L) for _, _, T, _, _, L, *_ in CASES]
+    assert max(D for _, _, _, _, D, *_ in CASES) > BLOCK
+    assert min(chunks) < STEP
+    assert any(c % STEP == 0 for c in chunks) and any(c > STEP and c % STEP for c in chunks)
 
 
 def test_ssd_pass_needs_chunk_size_with_documents():
