@@ -361,6 +361,39 @@ def bench_gla_scan(bench: Bench) -> None:
         bench.add("gla_scan", f"fla {name}", shape, lambda b=backward: fla(b), bytes_moved=bytes_moved)
 
 
+def bench_gla_dv(bench: Bench) -> None:
+    """GLA's value gradient dv (one step of the GLA backward): braid's kernel (the in-chunk term
+    a 3xTF32 dot) against fla's `chunk_gla_bwd_dv` (that term a float32 FMA dot)."""
+    from fla.ops.gla.chunk import chunk_gla_bwd_dv
+
+    H, K, V, C = 8, 64, 128, 64
+    NT = -(-T // C)
+    shape = f"B{B} T{T} H{H} K{K} V{V} chunk {C}"
+
+    def inputs():
+        k, do = randn(B, T, H, K), randn(B, T, H, V)
+        A = torch.randn(B, T, H, C, device="cuda")
+        dh = torch.randn(B, NT, H, K, V, device="cuda")
+        return k, chunk_log2_gates(H, K, C), A, do, dh
+
+    def braid():
+        from braid.kernels.gla.dv_triton import gla_bwd_dv
+
+        k, g, A, do, dh = inputs()
+        return lambda: gla_bwd_dv(k, g, A, do, dh, chunk_size=C)
+
+    def fla():
+        k, g, A, do, dh = inputs()
+        return lambda: chunk_gla_bwd_dv(k=k, g=g, A=A, do=do, dh=dh, chunk_size=C)
+
+    # k, g, A, do and dh read once, dv written
+    bytes_moved = B * T * H * (K * 2 + K * 4 + C * 4 + V * 2 + V * 2) + B * NT * H * K * V * 4
+    flops = 2 * B * T * H * V * (C + K)
+    bench.add("gla_dv", "braid triton", shape, braid, flops=flops, bytes_moved=bytes_moved, force="gla_dv=triton",
+              backend=("gla_dv", "triton", (torch.empty(1, device="cuda", dtype=BF16),)))
+    bench.add("gla_dv", "fla", shape, fla, flops=flops, bytes_moved=bytes_moved)
+
+
 def bench_ssd_pass(bench: Bench) -> None:
     """Mamba-2's pass over the chunks (SSD's state passing), one step of the SSD forward and one
     of its backward, at hybrid-374m's shape: braid's kernels (STEP chunks a loop step, a scan
@@ -557,6 +590,7 @@ SECTIONS = {
     "gla_intra": bench_gla_intra,
     "gla_scan": bench_gla_scan,
     "ssd_pass": bench_ssd_pass,
+    "gla_dv": bench_gla_dv,
     "ssd": bench_ssd,
 }
 

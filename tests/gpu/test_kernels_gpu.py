@@ -507,16 +507,19 @@ def gla_inputs(B, T, dtype, *, H=8, K=64, V=128, with_state=False, seed=0):
 
 
 # fla's GLA with its in-chunk steps and its pass over the chunks on fla's kernels or braid's.
-GLA_INNER = {"fla": "gla_intra=reference,gla_scan=reference", "triton": "gla_intra=triton,gla_scan=reference",
-             "triton+scan": "gla_intra=triton,gla_scan=triton"}
+GLA_INNER = {"fla": "gla_intra=reference,gla_scan=reference,gla_dv=reference",
+             "triton": "gla_intra=triton,gla_scan=reference,gla_dv=reference",
+             "triton+scan": "gla_intra=triton,gla_scan=triton,gla_dv=reference",
+             "triton+dv": "gla_intra=triton,gla_scan=reference,gla_dv=triton"}
 
 
 @pytest.mark.parametrize("intra", list(GLA_INNER))
 @pytest.mark.parametrize("dtype, T, docs, with_state", SEQ_CASES, ids=SEQ_IDS)
 def test_gla(dtype, T, docs, with_state, intra):
-    """fla's GLA; its in-chunk steps and its pass over the chunks on fla's kernels or braid's."""
+    """fla's GLA; its in-chunk steps, its pass over the chunks and its value gradient on fla's
+    kernels or braid's."""
     require("gla", "fla")
-    for op in ("gla_intra", "gla_scan"):
+    for op in ("gla_intra", "gla_scan", "gla_dv"):
         if f"{op}=triton" in GLA_INNER[intra]:
             require(op, "triton")
     B = 2
@@ -557,7 +560,7 @@ def test_gla_fla_matches_the_library(docs, with_state):
                       output_final_state=True, cu_seqlens=cu_seqlens)
         return run_with_grads(call, leaves)
 
-    with use_backends("gla_intra=reference,gla_scan=reference"):
+    with use_backends("gla_intra=reference,gla_scan=reference,gla_dv=reference"):
         ours = run(braid_chunk_gla)
     assert_parity(ours, run(fla_chunk_gla), LIBRARY_TOL)
 
@@ -664,6 +667,64 @@ def test_gla_scan_triton_matches_the_library(docs, with_state):
         err = relative_error(a, b)
         print(f"{name}: {err:.2e} relative to fla's")
         assert err < LIBRARY_TOL, (name, err)
+
+
+@pytest.mark.parametrize("docs", [False, True], ids=["rows", "docs"])
+def test_gla_dv_triton_matches_the_library(docs):
+    """braid's value-gradient kernel (gla_dv=triton) at hybrid-374m's GLA shape against fla's
+    chunk_gla_bwd_dv and against float64: with float32 do, both within EXACT_FP32 of float64
+    (braid's in-chunk dot in 3xTF32, fla's in float32 FMA; the decayed keys and dh rounded to
+    bf16 in both, and in the oracle); with bf16 do, braid within one bf16 rounding (2^-8) of
+    fla's; bit-identical from run to run."""
+    require("gla", "fla")
+    require("gla_dv", "triton")
+    from fla.ops.gla.chunk import chunk_gla_bwd_dv
+    from fla.ops.utils import prepare_chunk_indices
+    from fla.ops.utils.constant import RCP_LN2
+    from fla.ops.utils.cumsum import chunk_local_cumsum
+
+    from braid.kernels.gla.dv_triton import gla_bwd_dv
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    B, T, H, K, V, chunk = 2, 8192, 8, 64, 128, 64
+    cu_seqlens = chunk_indices = lengths = None
+    if docs:
+        B, T = 1, 2 * 1000
+        cu_seqlens = torch.tensor([0, 300, 301, 640, T], device="cuda")
+        chunk_indices = prepare_chunk_indices(cu_seqlens, chunk)
+        lengths = [300, 1, 339, T - 640]
+    NT = -(-T // chunk) if cu_seqlens is None else chunk_indices.shape[0]
+    k = torch.randn(B, T, H, K, generator=gen, device="cuda").to(torch.bfloat16)
+    g = chunk_local_cumsum(F.logsigmoid(torch.randn(B, T, H, K, generator=gen, device="cuda")) / 16, chunk,
+                           scale=RCP_LN2, cu_seqlens=cu_seqlens)
+    A = torch.randn(B, T, H, chunk, generator=gen, device="cuda")
+    dh = torch.randn(B, NT, H, K, V, generator=gen, device="cuda")
+    varlen = dict(cu_seqlens=cu_seqlens, chunk_size=chunk, chunk_indices=chunk_indices)
+    for dtype in (torch.float32, torch.bfloat16):
+        do = torch.randn(B, T, H, V, generator=gen, device="cuda").to(dtype)
+        ours, again = gla_bwd_dv(k, g, A, do, dh, **varlen), gla_bwd_dv(k, g, A, do, dh, **varlen)
+        assert ours.dtype == dtype and torch.equal(ours, again)
+        theirs = chunk_gla_bwd_dv(k=k, g=g, A=A, do=do, dh=dh, **varlen)
+        if dtype == torch.bfloat16:
+            err = relative_error(ours, theirs)
+            print(f"bf16 do: {err:.2e} relative to fla's")
+            assert err < 2**-8, err
+            continue
+        # the float64 oracle, chunk by chunk in dh's order, with the kernels' bf16 roundings of the key side
+        segments = [(b, 0, T) for b in range(B)] if cu_seqlens is None else [
+            (0, int(cu_seqlens[n]), length) for n, length in enumerate(lengths)]
+        want = torch.zeros(B, T, H, V, dtype=torch.float64, device="cuda")
+        dh_chunks = iter(dh.flatten(0, 1))
+        for row, s0, length in segments:
+            for s in range(s0, s0 + length, chunk):
+                e = min(s + chunk, s0 + length)
+                A_c = torch.tril(A[row, s:e, :, :e - s].double().permute(1, 0, 2))  # [h, s, t], s >= t
+                want[row, s:e] = torch.einsum("hst,shv->thv", A_c, do[row, s:e].double())
+                kg = (k[row, s:e].float() * torch.exp2(g[row, e - 1] - g[row, s:e])).to(k.dtype)
+                want[row, s:e] += torch.einsum("thk,hkv->thv", kg.double(), next(dh_chunks).to(k.dtype).double())
+        errs = relative_error(ours, want), relative_error(theirs, want)
+        print(f"float32 do: braid {errs[0]:.2e}, fla {errs[1]:.2e} relative to float64")
+        assert errs[0] < EXACT_FP32, errs
 
 
 def _fwd_bwd(fn, leaves: dict, cotangents: list):

@@ -43,6 +43,7 @@ FAST_BACKENDS: dict[str, tuple[str, ...]] = {
     "gla_step": ("fla",),
     "gla_intra": ("triton",),  # steps inside fla's GLA; their fallback ("reference") is fla's kernels
     "gla_scan": ("triton",),  # the same for GLA's pass over the chunks (fla's chunk_fwd_h, chunk_bwd_dh)
+    "gla_dv": ("triton",),  # the same for GLA's value gradient (fla's chunk_gla_bwd_dv)
     "attention": ("sdpa", "flash_attn", "cudnn", "flex", "torch_flash"),
     "norm": ("triton", "liger"),
     "gated_norm": ("triton",),
@@ -62,6 +63,7 @@ BACKEND_MODULES: dict[tuple[str, str], str] = {
     ("gla_step", "fla"): "braid.kernels.gla.fla",
     ("gla_intra", "triton"): "braid.kernels.gla.intra_triton",
     ("gla_scan", "triton"): "braid.kernels.gla.scan_triton",
+    ("gla_dv", "triton"): "braid.kernels.gla.dv_triton",
     ("attention", "sdpa"): "braid.kernels.attention.sdpa",
     ("attention", "flash_attn"): "braid.kernels.attention.flash",
     ("attention", "cudnn"): "braid.kernels.attention.cudnn",
@@ -78,7 +80,7 @@ BACKEND_MODULES: dict[tuple[str, str], str] = {
 FUSED_BY_COMPILE = frozenset({"norm", "gated_norm", "swiglu"})
 # Backends that run only when forced (e.g. BRAID_KERNELS="conv=triton"), not under auto: a new
 # kernel waits here until its GPU parity test and a benchmark have run.
-OPT_IN: frozenset[tuple[str, str]] = frozenset({("router", "triton"), ("gla_scan", "triton")})
+OPT_IN: frozenset[tuple[str, str]] = frozenset({("router", "triton"), ("gla_scan", "triton"), ("gla_dv", "triton")})
 
 _settings: dict[str, str] = {}
 _default = [AUTO]

@@ -7,8 +7,8 @@ beside the state-gradient pass: braid.kernels.streams) are custom ops with fake 
 `braid::fla_chunk_gla` and its backward: torch.compile keeps them as opaque nodes in one graph.
 The two in-chunk steps (the scores A forward, their dq and dk backward) run on braid's kernels
 (braid.kernels.gla.intra_triton, op "gla_intra") unless `BRAID_KERNELS=gla_intra=reference`;
-the pass over the chunks can run on braid's (braid.kernels.gla.scan_triton, `gla_scan=triton`,
-opt-in).
+the pass over the chunks and the value gradient can run on braid's (braid.kernels.gla.scan_triton,
+`gla_scan=triton`, and braid.kernels.gla.dv_triton, `gla_dv=triton`; both opt-in).
 
 Documents run as fla varlen segments: an initial state applies to each row's first
 segment, the final state is read from each row's last one. fla's chunk length is its own
@@ -122,7 +122,7 @@ def _chunk_gla_backward(do, dfinal, q, k, v, scale, initial_state, A, g_cumsum, 
         if not h.numel():  # with documents the forward kept no states
             h, _ = _states(k, v, g_cumsum, initial_state, False, cu_seqlens, chunk_size, chunk_indices)
         dh, dinitial = _state_grads(q, k, v, do, g_cumsum, scale, initial_state, dfinal, varlen, chunk_indices)
-        dv = chunk_gla_bwd_dv(k=k, g=g_cumsum, A=A, do=do, dh=dh, chunk_indices=chunk_indices, **varlen)
+        dv = _value_grads(k, g_cumsum, A, do, dh, chunk_indices, varlen)
         join(q.device)
         dq, dk, dg = chunk_gla_bwd_dqkg(
             q=q, k=k, v=v, h=h, g=g_cumsum, do=do, dh=dh, dq=dq, dk=dk, scale=scale, chunk_indices=chunk_indices,
@@ -161,6 +161,14 @@ def _state_grads(q, k, v, do, g_cumsum, scale, initial_state, dfinal, varlen, ch
         q=q, k=k, v=v, g=None, gk=g_cumsum, gv=None, do=do, h0=initial_state, dht=dfinal, scale=scale,
         states_in_fp32=True, **varlen,
     )
+
+
+def _value_grads(k, g_cumsum, A, do, dh, chunk_indices, varlen):
+    """dv: braid's kernel (op "gla_dv", backend "triton", opt-in) or fla's `chunk_gla_bwd_dv`."""
+    if pick("gla_dv", k, do, A) == "triton":
+        return backend_module("gla_dv", "triton").gla_bwd_dv(k, g_cumsum, A, do, dh, chunk_indices=chunk_indices,
+                                                           **varlen)
+    return chunk_gla_bwd_dv(k=k, g=g_cumsum, A=A, do=do, dh=dh, chunk_indices=chunk_indices, **varlen)
 
 
 def _intra_scores(q, k, g_cumsum, scale, cu_seqlens, chunk_size, chunk_indices):
