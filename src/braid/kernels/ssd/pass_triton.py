@@ -149,7 +149,8 @@ def _pass_bwd_kernel(
 
 
 def _pass_args(dA_BHC: Tensor, seq_idx_BT: Tensor | None) -> tuple:
-    """dA's strides and seq_idx's row stride (0 without documents), the kernels' shared arguments."""
+    """dA's strides and seq_idx's row stride (0 without documents; the kernels read a row's
+    positions at unit stride, so the callers pass it contiguous), the kernels' shared arguments."""
     return (*dA_BHC.stride(), 0 if seq_idx_BT is None else seq_idx_BT.stride(0))
 
 
@@ -168,6 +169,8 @@ def state_pass(
         raise ValueError("state_pass: seq_idx needs chunk_size (the chunk length in tokens)")
     B, C, H, D = states_BCHD.shape
     states_BCHD = states_BCHD.contiguous()
+    initial_BHD = None if initial_BHD is None else initial_BHD.contiguous()
+    seq_idx_BT = None if seq_idx_BT is None else seq_idx_BT.contiguous()
     out = torch.empty(B, C, H, D, device=states_BCHD.device, dtype=torch.float32)
     final = torch.empty(B, H, D, device=states_BCHD.device, dtype=torch.float32)
     T = 0 if seq_idx_BT is None else seq_idx_BT.shape[1]
@@ -200,6 +203,8 @@ def state_pass_backward(
         raise ValueError("state_pass_backward: seq_idx needs chunk_size (the chunk length in tokens)")
     B, C, H, D = before_BCHD.shape
     before_BCHD, dbefore_BCHD = before_BCHD.contiguous(), dbefore_BCHD.contiguous()
+    dfinal_BHD = None if dfinal_BHD is None else dfinal_BHD.contiguous()
+    seq_idx_BT = None if seq_idx_BT is None else seq_idx_BT.contiguous()
     device = before_BCHD.device
     dstates = torch.empty(B, C, H, D, device=device, dtype=dstates_dtype or dbefore_BCHD.dtype)
     blocks = triton.cdiv(D, BLOCK)
