@@ -105,6 +105,7 @@ def gla_bwd_dv(
         raise ValueError(f"gla_bwd_dv: A's last dim {A_BTHC.shape[-1]} is not the chunk size {chunk_size}")
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else chunk_indices.shape[0]
     NV = triton.cdiv(V, BV)
+    k_BTHK, g_BTHK, A_BTHC, do_BTHV, dh_BNHKV = (t.contiguous() for t in (k_BTHK, g_BTHK, A_BTHC, do_BTHV, dh_BNHKV))
     dv_BTHV = torch.empty(do_BTHV.shape, device=do_BTHV.device, dtype=do_BTHV.dtype)
     _gla_bwd_dv_kernel[(NT * NV, B * H)](
         k_BTHK, g_BTHK, A_BTHC, do_BTHV, dh_BNHKV, dv_BTHV, cu_seqlens, chunk_indices, T,
