@@ -1,4 +1,4 @@
-"""Where a program's chunk lies, for braid's GLA Triton kernels (intra_triton, scan_triton):
+"""Where a program's chunk lies, for braid's GLA Triton kernels (intra_triton, scan_triton, dv_triton):
 rows of T steps, or fla's varlen layout (documents packed in one row; chunk_indices holds a
 (sequence, chunk) pair per chunk and cu_seqlens each sequence's first row)."""
 
@@ -21,3 +21,13 @@ def chunk_in_sequence(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN: tl.cons
         bos = i_b.to(tl.int64) * T
         eos = bos + T
     return i_t, bos, (eos - bos).to(tl.int32)
+
+
+@triton.jit
+def chunk_slot(i_c, i_b, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Program chunk i_c of row i_b's place among per-chunk tensors (the states and their
+    gradients), int64: its index in the packed chunk list, or row i_b's chunks in order."""
+    slot = i_c.to(tl.int64)
+    if not IS_VARLEN:
+        slot += i_b.to(tl.int64) * tl.cdiv(T, BT)
+    return slot

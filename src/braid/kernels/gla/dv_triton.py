@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from braid.kernels.gla.chunks_triton import chunk_in_sequence
+from braid.kernels.gla.chunks_triton import chunk_in_sequence, chunk_slot
 from braid.kernels.interpreter import interpreted
 
 BK, BV = 64, 64
@@ -46,8 +46,7 @@ def _gla_bwd_dv_kernel(
     i_c, i_v = tl.program_id(0) // NV, tl.program_id(0) % NV
     i_bh = tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    # dh's chunk: the chunk's place among all chunks (packed), or in its row's chunks
-    i_tg = i_c.to(tl.int64) if IS_VARLEN else i_b.to(tl.int64) * tl.cdiv(T, BT) + i_c
+    i_tg = chunk_slot(i_c, i_b, T, BT, IS_VARLEN)  # dh's chunk
     i_t, bos, T = chunk_in_sequence(cu_seqlens, chunk_indices, i_c, i_b, T, IS_VARLEN)
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i

@@ -33,8 +33,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from braid.kernels.gla.chunks_triton import chunk_in_sequence
+from braid.kernels.gla.chunks_triton import chunk_in_sequence, chunk_slot
 from braid.kernels.interpreter import interpreted
+from braid.kernels.linear_recurrence import compose
 
 # State elements per program of the pass and chunks per loop step: the fastest of blocks {256,
 # 512, 1024} x steps {4, 8, 16} x warps {4, 8} on an H200 at the shape above (fifteenth measurement).
@@ -55,8 +56,7 @@ def _local_states_kernel(
     i_c, i_bh, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_k, i_v = i_kv // NV, i_kv % NV
-    # the output slot: the chunk's place among all chunks (packed), or in its row's chunks
-    slot = i_c.to(tl.int64) if IS_VARLEN else i_b.to(tl.int64) * tl.cdiv(T, BT) + i_c
+    slot = chunk_slot(i_c, i_b, T, BT, IS_VARLEN)
     i_t, bos, T = chunk_in_sequence(cu_seqlens, chunk_indices, i_c, i_b, T, IS_VARLEN)
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
@@ -82,12 +82,6 @@ def _local_states_kernel(
         b_s = tl.dot(tl.trans(b_a), b_b.to(b_a.dtype))
     p_out = out + (slot * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
     tl.store(p_out, b_s, mask=m_k[:, None] & m_v[None, :])
-
-
-@triton.jit
-def _compose(decay_1, local_1, decay_2, local_2):
-    """Two chunks' updates x -> decay * x + local, the first then the second, as one."""
-    return decay_1 * decay_2, decay_2 * local_1 + local_2
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -128,7 +122,7 @@ def _pass_kernel(
         last = tl.minimum(i_t * BT + BT, T) - 1
         # past the last chunk: decay 1 and term 0, so the carried state comes out unchanged
         decay = tl.exp2(tl.load(gk + ((bos + last)[:, None] * H + i_h) * K + o_k[None, :], mask=m_se, other=0.0))
-        decays, terms = tl.associative_scan((decay, local), 0, _compose)
+        decays, terms = tl.associative_scan((decay, local), 0, compose)
         after = decays * state[None, :] + terms  # the state after each chunk
         # the state before a chunk is the one after the chunk before it: a slot further on
         if REVERSE:

@@ -93,7 +93,7 @@ def _kernel_layouts(x, B, C):
 
 def _state_passing_fwd(states, dA_last, initial_states, seq_idx, chunk_size):
     """(states entering each chunk, final states), float32: braid's pass over the chunks (op
-    "ssd_pass", backend "triton", opt-in: braid.kernels.ssd.pass_triton) or mamba_ssm's."""
+    "ssd_pass", backend "triton": braid.kernels.ssd.pass_triton) or mamba_ssm's."""
     if pick("ssd_pass", states, dA_last) == "triton":
         return backend_module("ssd_pass", "triton").state_pass(states, dA_last, initial_states, seq_idx, chunk_size)
     return _combined._state_passing_fwd(

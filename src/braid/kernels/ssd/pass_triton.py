@@ -37,17 +37,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from braid.kernels.linear_recurrence import compose
+
 # State elements per program, chunks per loop step, warps: the fastest backward of blocks {128,
-# 256, 512, 1024} x steps {2, 4, 8} x warps {4, 8} on an H200 at hybrid-374m's shape (110.6
-# against mamba_ssm's 126.8 us; forward 74.4 against 75.1 us; docs/benchmarks.md, fifteenth
-# measurement). Smaller blocks ran up to 4x slower.
+# 256, 512, 1024, 2048} x steps {2, 4, 8} x warps {4, 8, 16} on an H200 at hybrid-374m's shape
+# (110.8 against mamba_ssm's 127.0 us; forward 74.5 against 75.0 us; docs/benchmarks.md,
+# fifteenth measurement). Smaller blocks ran up to 4x slower.
 BLOCK, STEP, NUM_WARPS = 1024, 4, 4
-
-
-@triton.jit
-def _compose(decay_1, local_1, decay_2, local_2):
-    """Two chunks' updates x -> decay * x + local, the first then the second, as one."""
-    return decay_1 * decay_2, decay_2 * local_1 + local_2
 
 
 @triton.jit
@@ -89,7 +85,7 @@ def _pass_fwd_kernel(
         local = tl.load(states + p_cd, mask=m_c[:, None] & m_d[None, :], other=0.0).to(tl.float32)
         decay = _decays(dA, seq_idx, i_b, i_h, c, n_chunks, T, L, stride_ab, stride_ah, stride_ac, stride_sb,
                         HAS_SEQ_IDX)
-        decays, terms = tl.associative_scan((decay[:, None] + tl.zeros_like(local), local), 0, _compose)
+        decays, terms = tl.associative_scan((decay[:, None] + tl.zeros_like(local), local), 0, compose)
         after = decays * carry[None, :] + terms  # the state after each chunk: before the next
         tl.store(out + p_cd + H * D, after, mask=(c + 1 < n_chunks)[:, None] & m_d[None, :])
         carry = tl.sum(tl.where((o_s == STEP - 1)[:, None], after, 0.0), axis=0)
@@ -125,7 +121,7 @@ def _pass_bwd_kernel(
         decay_later = _decays(dA, seq_idx, i_b, i_h, tl.where(o_s > 0, c + 1, n_chunks), n_chunks, T, L,
                               stride_ab, stride_ah, stride_ac, stride_sb, HAS_SEQ_IDX)
         decays, terms = tl.associative_scan((decay_later[:, None] + tl.zeros_like(dbefore_later), dbefore_later), 0,
-                                            _compose)
+                                            compose)
         g = decays * carry[None, :] + terms
         tl.store(dstates + p_cd, g.to(dstates.dtype.element_ty), mask=m_cd)
         state = tl.load(before + p_cd, mask=m_cd, other=0.0).to(tl.float32)
