@@ -80,7 +80,7 @@ BACKEND_MODULES: dict[tuple[str, str], str] = {
 FUSED_BY_COMPILE = frozenset({"norm", "gated_norm", "swiglu"})
 # Backends that run only when forced (e.g. BRAID_KERNELS="conv=triton"), not under auto: a new
 # kernel waits here until its GPU parity test and a benchmark have run.
-OPT_IN: frozenset[tuple[str, str]] = frozenset({("router", "triton"), ("gla_scan", "triton"), ("gla_dv", "triton")})
+OPT_IN: frozenset[tuple[str, str]] = frozenset({("router", "triton"), ("gla_scan", "triton")})
 
 _settings: dict[str, str] = {}
 _default = [AUTO]

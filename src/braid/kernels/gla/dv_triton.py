@@ -12,10 +12,11 @@ about 2 GFLOP a layer at hybrid-374m's shape (B2 T8192 H8 V128, chunk 64). Here 
 dot, tensor-core work within float32's rounding; do is bf16, which TF32 holds exactly. The
 second term is fla's: the decayed keys and dh rounded to k's dtype, a bf16 dot with float32 sums.
 
-Not yet run on a GPU: opt-in as `BRAID_KERNELS=gla_dv=triton` until its GPU test against fla's
-kernel and a benchmark have run (bench/kernels.py --only gla_dv; bench/blocks.py --only
-mixer:gla --against auto,gla_dv=triton). Runs on CPU tensors under TRITON_INTERPRET=1 (the CI
-parity test), where the bf16 dot takes float32 tiles (braid.kernels.interpreter).
+The default inside fla's GLA backward (`BRAID_KERNELS=gla_dv=reference` gives fla's). On an
+H200 at that shape: 0.101 ms against fla's 0.138 ms (bench/kernels.py --only gla_dv --graph),
+and the GLA layer 1.890 -> 1.853 ms fwd+bwd (bench/blocks.py --only mixer:gla --against
+auto,gla_dv=triton --rounds 9; docs/benchmarks.md, sixteenth measurement). Runs on CPU tensors under TRITON_INTERPRET=1 (the
+CI parity test), where the bf16 dot takes float32 tiles (braid.kernels.interpreter).
 
 Legend: B batch, T time, H heads, K key head dim, V value head dim, C chunk length; in the
 kernel BT the chunk, BK and BV the channel blocks, NV value blocks, NT chunks.
@@ -32,7 +33,7 @@ from braid.kernels.gla.chunks_triton import chunk_in_sequence, chunk_slot
 from braid.kernels.interpreter import interpreted
 
 BK, BV = 64, 64
-NUM_WARPS, NUM_STAGES = 4, 2  # a first guess; to be swept on a GPU
+NUM_WARPS, NUM_STAGES = 4, 2
 
 
 @triton.jit(do_not_specialize=["T"])

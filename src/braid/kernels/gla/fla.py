@@ -7,8 +7,9 @@ beside the state-gradient pass: braid.kernels.streams) are custom ops with fake 
 `braid::fla_chunk_gla` and its backward: torch.compile keeps them as opaque nodes in one graph.
 The two in-chunk steps (the scores A forward, their dq and dk backward) run on braid's kernels
 (braid.kernels.gla.intra_triton, op "gla_intra") unless `BRAID_KERNELS=gla_intra=reference`;
-the pass over the chunks and the value gradient can run on braid's (braid.kernels.gla.scan_triton,
-`gla_scan=triton`, and braid.kernels.gla.dv_triton, `gla_dv=triton`; both opt-in).
+so does the value gradient (braid.kernels.gla.dv_triton, op "gla_dv") unless
+`BRAID_KERNELS=gla_dv=reference`; the pass over the chunks can run on braid's
+(braid.kernels.gla.scan_triton, `gla_scan=triton`, opt-in).
 
 Documents run as fla varlen segments: an initial state applies to each row's first
 segment, the final state is read from each row's last one. fla's chunk length is its own
@@ -164,7 +165,7 @@ def _state_grads(q, k, v, do, g_cumsum, scale, initial_state, dfinal, varlen, ch
 
 
 def _value_grads(k, g_cumsum, A, do, dh, chunk_indices, varlen):
-    """dv: braid's kernel (op "gla_dv", backend "triton", opt-in) or fla's `chunk_gla_bwd_dv`."""
+    """dv: braid's kernel (op "gla_dv", backend "triton") or fla's `chunk_gla_bwd_dv`."""
     if pick("gla_dv", k, do, A) == "triton":
         return backend_module("gla_dv", "triton").gla_bwd_dv(k, g_cumsum, A, do, dh, chunk_indices=chunk_indices,
                                                            **varlen)
