@@ -15,8 +15,9 @@ second term is fla's: the decayed keys and dh rounded to k's dtype, a bf16 dot w
 The default inside fla's GLA backward (`BRAID_KERNELS=gla_dv=reference` gives fla's). On an
 H200 at that shape: 0.101 ms against fla's 0.138 ms (bench/kernels.py --only gla_dv --graph),
 and the GLA layer 1.890 -> 1.853 ms fwd+bwd (bench/blocks.py --only mixer:gla --against
-auto,gla_dv=triton --rounds 9; docs/benchmarks.md, sixteenth measurement). Runs on CPU tensors under TRITON_INTERPRET=1 (the
-CI parity test), where the bf16 dot takes float32 tiles (braid.kernels.interpreter).
+auto,gla_dv=triton --rounds 9; docs/benchmarks.md, sixteenth measurement). Runs on CPU
+tensors under TRITON_INTERPRET=1 (the CI parity test), where the bf16 dot takes float32 tiles
+(braid.kernels.interpreter).
 
 Legend: B batch, T time, H heads, K key head dim, V value head dim, C chunk length; in the
 kernel BT the chunk, BK and BV the channel blocks, NV value blocks, NT chunks.
@@ -32,6 +33,10 @@ from torch import Tensor
 from braid.kernels.gla.chunks_triton import chunk_in_sequence, chunk_slot
 from braid.kernels.interpreter import interpreted
 
+# The first guess, which passed the GPU tests and is the one measured (0.101 ms). A sweep on an
+# H200 (Triton 3.6; .calls/gla_dv_sweep.py, sixteenth measurement) reached only BV 32: 125 us at
+# 2 warps, and at 4 warps (stages 1 and 2) an illegal memory access, every time, though every
+# load and store is masked; keep to configs that have passed tests/gpu's gla_dv cases.
 BK, BV = 64, 64
 NUM_WARPS, NUM_STAGES = 4, 2
 
