@@ -36,7 +36,9 @@ from braid.kernels.interpreter import interpreted
 # The first guess, which passed the GPU tests and is the one measured (0.101 ms). A sweep on an
 # H200 (Triton 3.6; .calls/gla_dv_sweep.py, sixteenth measurement) reached only BV 32: 125 us at
 # 2 warps, and at 4 warps (stages 1 and 2) an illegal memory access, every time, though every
-# load and store is masked; keep to configs that have passed tests/gpu's gla_dv cases.
+# load and store is masked: the symptom of triton-lang/triton#11366 and #10573 (sm90 kernels
+# with several dots, 32-wide blocks and 4 warps, Triton 3.6 and later). Keep to configs that
+# have passed tests/gpu's gla_dv cases.
 BK, BV = 64, 64
 NUM_WARPS, NUM_STAGES = 4, 2
 
