@@ -6,6 +6,17 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from torch import Tensor
+
+
+def chunk_count(T: int, chunk_size: int, cu_seqlens: Tensor | None, chunk_indices: Tensor | None, caller: str) -> int:
+    """The chunks each row holds (rows), or all of them (packed: chunk_indices' length); packed
+    calls need chunk_indices (fla's prepare_chunk_indices)."""
+    if cu_seqlens is None:
+        return triton.cdiv(T, chunk_size)
+    if chunk_indices is None:
+        raise ValueError(f"{caller}: cu_seqlens needs chunk_indices (fla's prepare_chunk_indices)")
+    return chunk_indices.shape[0]
 
 
 @triton.jit

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from braid.kernels.gla.chunks_triton import chunk_in_sequence, chunk_slot
+from braid.kernels.gla.chunks_triton import chunk_count, chunk_in_sequence, chunk_slot
 from braid.kernels.interpreter import interpreted
 
 # The first guess, which passed the GPU tests and is the one measured (0.101 ms). A sweep on an
@@ -104,13 +104,11 @@ def gla_bwd_dv(
     (B, T, H, chunk_size); dh: (B, chunks per row, H, K, V), or (1, all chunks, H, K, V) packed;
     with cu_seqlens, B is 1 and chunk_indices holds (sequence, chunk) pairs (fla's
     prepare_chunk_indices)."""
-    if cu_seqlens is not None and chunk_indices is None:
-        raise ValueError("gla_bwd_dv: cu_seqlens needs chunk_indices (fla's prepare_chunk_indices)")
     B, T, H, K = k_BTHK.shape
     V = do_BTHV.shape[-1]
     if A_BTHC.shape[-1] != chunk_size:
         raise ValueError(f"gla_bwd_dv: A's last dim {A_BTHC.shape[-1]} is not the chunk size {chunk_size}")
-    NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else chunk_indices.shape[0]
+    NT = chunk_count(T, chunk_size, cu_seqlens, chunk_indices, "gla_bwd_dv")
     NV = triton.cdiv(V, BV)
     k_BTHK, g_BTHK, A_BTHC, do_BTHV, dh_BNHKV = (t.contiguous() for t in (k_BTHK, g_BTHK, A_BTHC, do_BTHV, dh_BNHKV))
     dv_BTHV = torch.empty(do_BTHV.shape, device=do_BTHV.device, dtype=do_BTHV.dtype)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from braid.kernels.gla.chunks_triton import chunk_in_sequence
+from braid.kernels.gla.chunks_triton import chunk_count, chunk_in_sequence
 
 MAX_SPLIT = 64.0  # the largest |g - g_n| (log2) for which a diagonal block is taken as one dot
 # The fastest of warps {2, 4, 8} x stages {1, 2, 3} on an H200 at hybrid-374m's shape (B2 T8192
@@ -214,11 +214,9 @@ def _gla_fwd_intra_kernel(
 
 def _tiles(q_BTHK: Tensor, chunk_size: int, cu_seqlens: Tensor | None, chunk_indices: Tensor | None, caller: str):
     """(B, T, H, K, BT, BC, BK, NT, NC): the shape and the kernels' tile sizes, fla's choices."""
-    if cu_seqlens is not None and chunk_indices is None:
-        raise ValueError(f"{caller}: cu_seqlens needs chunk_indices (fla's prepare_chunk_indices)")
     B, T, H, K = q_BTHK.shape
     BT, BC = chunk_size, min(16, chunk_size)
-    NT = triton.cdiv(T, BT) if cu_seqlens is None else chunk_indices.shape[0]
+    NT = chunk_count(T, BT, cu_seqlens, chunk_indices, caller)
     return B, T, H, K, BT, BC, min(64, triton.next_power_of_2(K)), NT, triton.cdiv(BT, BC)
 
 

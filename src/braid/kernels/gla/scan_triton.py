@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from braid.kernels.gla.chunks_triton import chunk_in_sequence, chunk_slot
+from braid.kernels.gla.chunks_triton import chunk_count, chunk_in_sequence, chunk_slot
 from braid.kernels.interpreter import interpreted
 from braid.kernels.linear_recurrence import compose
 
@@ -144,14 +144,12 @@ def _chunk_offsets(cu_seqlens: Tensor, chunk_size: int) -> Tensor:
 
 def _scan(a, b, gk, initial, want_final, scale, cu_seqlens, chunk_size, chunk_indices, reverse, caller):
     """The local terms, then the pass (module docstring); (states, final or None)."""
-    if cu_seqlens is not None and chunk_indices is None:
-        raise ValueError(f"{caller}: cu_seqlens needs chunk_indices (fla's prepare_chunk_indices)")
     varlen = cu_seqlens is not None
     B, T, H, K = a.shape
     V, BT = b.shape[-1], chunk_size
     BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
     NV = triton.cdiv(V, BV)
-    NT = chunk_indices.shape[0] if varlen else triton.cdiv(T, BT)  # chunks per row (all, packed)
+    NT = chunk_count(T, BT, cu_seqlens, chunk_indices, caller)  # chunks per row (all, packed)
     N = cu_seqlens.shape[0] - 1 if varlen else B
     states = torch.empty(B, NT, H, K, V, device=a.device, dtype=torch.float32)
     _local_states_kernel[(NT, B * H, triton.cdiv(K, BK) * NV)](
