@@ -45,8 +45,8 @@ from braid.kernels.norm.reference import gated_rms_norm_reference, rms_norm_refe
 from braid.kernels.ssd import causal_conv1d, ssd, ssd_step
 from braid.kernels.ssd.conv import causal_conv1d_reference
 from braid.kernels.ssd.reference import ssd_chunked, ssd_step_reference
-from braid.kernels.swiglu import silu_mul
-from braid.kernels.swiglu.reference import silu_mul_reference
+from braid.kernels.swiglu import silu_mul, silu_mul_stacked
+from braid.kernels.swiglu.reference import silu_mul_reference, silu_mul_stacked_reference
 from braid.model import build_model
 from tests.helpers import relative_error
 
@@ -907,6 +907,27 @@ def test_silu_mul(dtype):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("N,F", [(32768, 1408), (999, 100), (3, 8)])
+def test_silu_mul_stacked(dtype, N, F):
+    """braid's stacked SwiGLU kernels against the reference (float32 element-wise work, rounded
+    once), eagerly and compiled in one graph; the ops pass opcheck; two runs are bit-identical."""
+    require("swiglu_stacked", "triton")
+    gen = torch.Generator(device="cuda").manual_seed(N + F)
+    leaves = {"h": (torch.randn(N, 2 * F, generator=gen, device="cuda") * 3).to(dtype)}
+    with use_backends("swiglu_stacked=triton"):
+        assert pick("swiglu_stacked", leaves["h"]) == "triton"
+        fast = run_with_grads(silu_mul_stacked, leaves)
+        again = run_with_grads(silu_mul_stacked, leaves)
+        compiled = run_with_grads(torch.compile(silu_mul_stacked, fullgraph=True), leaves)
+        h = leaves["h"].clone().requires_grad_(True)
+        torch.library.opcheck(torch.ops.braid.silu_mul_stacked.default, (h,))
+    ref = run_with_grads(silu_mul_stacked_reference, leaves)
+    for other in (again, compiled):
+        assert torch.equal(fast[0][0], other[0][0]) and torch.equal(fast[1]["h"], other[1]["h"])
+    assert_parity(fast, ref, _tol(dtype, exact_fp32=True))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_linear_cross_entropy(dtype, reduction):
     require("cross_entropy", "liger")
@@ -961,6 +982,23 @@ def test_grouped_swiglu(autocast):
         fast = run_with_grads(lambda **kw: grouped_swiglu(counts_E=counts_E, **kw), leaves)
     ref = run_with_grads(lambda **kw: grouped_swiglu_reference(counts_E=counts_E, **kw), leaves)
     assert_parity(fast, ref, BF16_TOL)
+
+
+def test_expert_weights_bf16_stacked_on_the_gpu():
+    """The MoE's stacked bf16 copy (braid's Triton pass on CUDA) equals torch.cat then torch's
+    cast, bit for bit, and its gradients are the stacked gradient's halves, cast back."""
+    from braid.kernels.moe import grouped_mm  # noqa: F401 (registers the op)
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w1, w3 = (torch.randn(8, 1024, 1408, generator=gen, device="cuda").requires_grad_(True) for _ in range(2))
+    w2 = torch.randn(8, 1408, 1024, generator=gen, device="cuda").requires_grad_(True)
+    w13, w2_bf16 = torch.ops.braid.expert_weights_bf16_stacked(w1, w3, w2)
+    assert torch.equal(w13, torch.cat([w1, w3], dim=-1).to(torch.bfloat16))
+    assert torch.equal(w2_bf16, w2.to(torch.bfloat16))
+    g13 = torch.randn(w13.shape, generator=gen, device="cuda").to(torch.bfloat16)
+    g1, g3 = torch.autograd.grad(w13, (w1, w3), g13)
+    assert torch.equal(g1, g13[..., :1408].float()) and torch.equal(g3, g13[..., 1408:].float())
+    torch.library.opcheck(torch.ops.braid.expert_weights_bf16_stacked.default, (w1, w3, w2))
 
 
 ROUTER_CASES = [(16384, 1024, 8), (1000, 72, 5), (3, 1024, 64), (129, 256, 16)]  # (N, D, E)

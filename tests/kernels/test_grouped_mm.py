@@ -45,7 +45,7 @@ def test_grouped_swiglu_mm_matches_the_reference(compiled):
         assert relative_error(got, want) < 2e-2, (name, relative_error(got, want))
 
 
-def test_bf16_weights_are_used_as_they_are():
+def test_bf16_weights_are_taken_as_they_are():
     counts_E, x, weights = _leaves()
     bf16 = [w.detach().to(torch.bfloat16).requires_grad_(True) for w in weights]
     y = grouped_swiglu_mm(x, counts_E, *bf16)
@@ -54,12 +54,43 @@ def test_bf16_weights_are_used_as_they_are():
     assert all(g.dtype == torch.bfloat16 and g.shape == w.shape for g, w in zip(grads, bf16))
 
 
-def test_expert_weights_op_casts_and_casts_gradients_back():
-    _, _, weights = _leaves()
-    copies = torch.ops.braid.expert_weights_bf16(*weights)
-    for copy, weight in zip(copies, weights):
-        assert copy.dtype == torch.bfloat16 and torch.equal(copy, weight.to(torch.bfloat16))
-    cotangents = [torch.randn(w.shape).to(torch.bfloat16) for w in weights]
-    for grad, cotangent in zip(torch.autograd.grad(copies, weights, cotangents), cotangents):
-        assert grad.dtype == torch.float32 and torch.equal(grad, cotangent.float())
-    torch.library.opcheck(torch.ops.braid.expert_weights_bf16, tuple(weights))
+def test_expert_weights_op_stacks_casts_and_splits_gradients_back():
+    _, _, (w1, w3, w2) = _leaves()
+    w13, w2_bf16 = torch.ops.braid.expert_weights_bf16_stacked(w1, w3, w2)
+    assert w13.dtype == w2_bf16.dtype == torch.bfloat16 and w13.shape == (E, D, 2 * F)
+    assert torch.equal(w13, torch.cat([w1, w3], dim=-1).to(torch.bfloat16))
+    assert torch.equal(w2_bf16, w2.to(torch.bfloat16))
+    cotangents = [torch.randn(w13.shape).to(torch.bfloat16), torch.randn(w2.shape).to(torch.bfloat16)]
+    grad_w1, grad_w3, grad_w2 = torch.autograd.grad((w13, w2_bf16), (w1, w3, w2), cotangents)
+    assert all(g.dtype == torch.float32 for g in (grad_w1, grad_w3, grad_w2))
+    assert torch.equal(grad_w1, cotangents[0][..., :F].float())
+    assert torch.equal(grad_w3, cotangents[0][..., F:].float())
+    assert torch.equal(grad_w2, cotangents[1].float())
+    torch.library.opcheck(torch.ops.braid.expert_weights_bf16_stacked, (w1, w3, w2))
+
+
+def check_interpreted_stack_cast() -> None:
+    """Run in the child process: the stacked cast equals torch.cat then the cast. float32 bit for
+    bit; bf16 within one bf16 ulp, since the interpreter truncates to bf16 where the GPU (and
+    torch) round to nearest even (the GPU test checks bf16 bit for bit)."""
+    import triton
+
+    from braid.kernels.moe.stack_triton import stack_cast
+
+    assert triton.knobs.runtime.interpret, "TRITON_INTERPRET=1 must be set before triton is imported"
+    for shape in ((3, 17, 24), (2, 5, 200), (40, 8)):
+        gen = torch.Generator().manual_seed(sum(shape))
+        a, b = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        want = torch.cat([a, b], dim=-1)
+        assert torch.equal(stack_cast(a, b, torch.float32), want)
+        got = stack_cast(a, b, torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and ((got.float() - want).abs() <= want.abs() * 2**-7).all()
+        print(f"ok {shape}")
+    with pytest.raises(ValueError, match="one shape"):
+        stack_cast(torch.zeros(2, 3), torch.zeros(3, 2), torch.bfloat16)
+
+
+def test_stack_cast_kernel_matches_cat_interpreted():
+    from tests.helpers import run_interpreted
+
+    run_interpreted("tests.kernels.test_grouped_mm:check_interpreted_stack_cast", 3)

@@ -48,6 +48,7 @@ FAST_BACKENDS: dict[str, tuple[str, ...]] = {
     "norm": ("triton", "liger"),
     "gated_norm": ("triton",),
     "swiglu": ("liger",),
+    "swiglu_stacked": ("triton",),  # braid's own, under torch.compile too (not in FUSED_BY_COMPILE)
     "cross_entropy": ("liger",),
     "moe": ("grouped_mm",),
     "router": ("triton",),
@@ -73,6 +74,7 @@ BACKEND_MODULES: dict[tuple[str, str], str] = {
     ("norm", "liger"): "braid.kernels.norm.liger",
     ("gated_norm", "triton"): "braid.kernels.norm.triton",
     ("swiglu", "liger"): "braid.kernels.swiglu.liger",
+    ("swiglu_stacked", "triton"): "braid.kernels.swiglu.stacked_triton",
     ("cross_entropy", "liger"): "braid.kernels.cross_entropy.liger",
     ("moe", "grouped_mm"): "braid.kernels.moe.grouped_mm",
     ("router", "triton"): "braid.kernels.moe.router_triton",
@@ -80,7 +82,7 @@ BACKEND_MODULES: dict[tuple[str, str], str] = {
 FUSED_BY_COMPILE = frozenset({"norm", "gated_norm", "swiglu"})
 # Backends that run only when forced (e.g. BRAID_KERNELS="conv=triton"), not under auto: a new
 # kernel waits here until its GPU parity test and a benchmark have run.
-OPT_IN: frozenset[tuple[str, str]] = frozenset({("router", "triton"), ("gla_scan", "triton")})
+OPT_IN: frozenset[tuple[str, str]] = frozenset({("gla_scan", "triton")})
 
 _settings: dict[str, str] = {}
 _default = [AUTO]

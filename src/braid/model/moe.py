@@ -24,7 +24,7 @@ N tokens (B*T), S routed slots (N*K), X packed statistics (2E + 2).
 import torch
 from torch import nn
 
-from braid.kernels.moe import grouped_swiglu, router_logits
+from braid.kernels.moe import expert_input_dtype, grouped_swiglu, router_logits
 from braid.model.config import MoEConfig
 from braid.model.mlp import SwiGLU
 
@@ -169,10 +169,12 @@ class MoE(nn.Module):
         d_model = self.router.in_features
         if x_BTD.shape[-1] != d_model:
             raise ValueError(f"MoE: input last dim {x_BTD.shape[-1]} does not match d_model={d_model}")
-        x_ND = x_BTD.reshape(-1, d_model)
+        # Where the experts' GEMMs read bf16, the tokens are cast once, here: the router, the row
+        # gathers and their gradients then move bf16 rows, not float32 ones.
+        x_ND = x_BTD.reshape(-1, d_model).to(expert_input_dtype(x_BTD, self.w1))
         logits_NE, scores_NE, experts_NK, gates_NK = self.route(x_ND)
         counts_E = expert_counts(experts_NK, self.cfg.num_experts)
-        y_ND = self._experts(x_ND, experts_NK, gates_NK, counts_E)
+        y_ND = self._experts(x_ND, experts_NK, gates_NK, counts_E).to(x_BTD.dtype)
         if hasattr(self, "shared"):
             y_ND = y_ND + self.shared(x_ND)
         if self.training:
@@ -214,8 +216,7 @@ class MoE(nn.Module):
         unsort_S = inverse_permutation(order_S)
         y_sorted_SD = self.run_experts(dispatch(x_ND, order_S, unsort_S, top_k), counts_E)
         y_NKD = combine(y_sorted_SD, order_S, unsort_S).unflatten(0, (num_tokens, top_k))
-        y_ND = (y_NKD.to(gates_NK.dtype) * gates_NK.unsqueeze(-1)).sum(dim=1)
-        return y_ND.to(x_ND.dtype)
+        return (y_NKD.to(gates_NK.dtype) * gates_NK.unsqueeze(-1)).sum(dim=1)
 
     def run_experts(self, x_sorted_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_sorted_SD: (S, D) rows sorted by expert, counts_E: (E,) -> (S, D) expert outputs.

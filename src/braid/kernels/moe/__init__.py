@@ -4,7 +4,7 @@ and the router's float32 logits.
 On a Hopper GPU with bf16 compute the experts run as grouped GEMMs (torch._grouped_mm,
 braid.kernels.moe.grouped_mm), elsewhere as the loop over experts (the reference). The
 router's logits run on braid's Triton kernels (braid.kernels.moe.router_triton) on CUDA for
-up to 64 experts when named (opt-in), elsewhere as a float32 linear with autocast off (the reference).
+up to 64 experts, elsewhere as a float32 linear with autocast off (the reference).
 
 Legend: N rows sorted by expert, D model dim, F expert hidden dim, E experts.
 """
@@ -14,7 +14,7 @@ import torch
 from braid.kernels.backend import backend_module, pick
 from braid.kernels.moe.reference import grouped_swiglu_reference, router_logits_reference
 
-__all__ = ["grouped_swiglu", "router_logits", "router_logits_reference"]
+__all__ = ["expert_input_dtype", "grouped_swiglu", "router_logits", "router_logits_reference"]
 
 
 def grouped_swiglu(
@@ -36,6 +36,14 @@ def grouped_swiglu(
     if _grouped_mm_runs(x_sorted_ND, counts_E, w1_EDF, w3_EDF, w2_EFD):
         return backend_module("moe", "grouped_mm").grouped_swiglu_mm(x_sorted_ND, counts_E, w1_EDF, w3_EDF, w2_EFD)
     return grouped_swiglu_reference(x_sorted_ND, counts_E, w1_EDF, w3_EDF, w2_EFD)
+
+
+def expert_input_dtype(x: torch.Tensor, w1_EDF: torch.Tensor) -> torch.dtype:
+    """The dtype the experts will read tokens x in: bfloat16 where the grouped GEMMs run them in
+    bf16 (a bf16 x, or bf16 autocast on a Hopper GPU), else x's own dtype (the reference)."""
+    if pick("moe", x, w1_EDF) == "grouped_mm" and backend_module("moe", "grouped_mm").supports(x, w1_EDF):
+        return torch.bfloat16
+    return x.dtype
 
 
 def _grouped_mm_runs(x_sorted_ND, counts_E, w1_EDF, w3_EDF, w2_EFD) -> bool:

@@ -1,15 +1,23 @@
-"""Grouped SwiGLU on torch._grouped_mm: all experts in three grouped GEMMs (bf16, Hopper).
+"""Grouped SwiGLU on torch._grouped_mm: all experts in two grouped GEMMs forward (bf16, Hopper).
 
 The rows are already sorted by expert; offsets_E (int32) are the cumulative row counts that
 end each expert's slice. Weights are cast to bfloat16 here (autocast does not cover
 _grouped_mm), accumulation is float32 inside the GEMM, the output is cast to x's dtype.
 
-The bf16 weight copies come from a custom op (`braid::expert_weights_bf16`) that
-torch.compile keeps whole: they run as aten's vectorized copy kernels, which took 0.053 ms
-for a hybrid-374m MoE layer's three (8 experts of 1024 x 1408, on an H200) where inductor's
-generated casts took 0.070 ms; the layer at B2 T8192 went from 2.206 to 2.179 ms.
-Running w1 and w3 as one grouped GEMM over [w1 | w3] made the GEMMs 0.1 ms faster, but
-inductor's SiLU-mul backward, which then writes the stacked gradient, 0.075 ms slower.
+Gate and up are one GEMM over the stacked weight [w1 | w3] (E, D, 2F), and the SwiGLU takes
+the stacked result (braid.kernels.swiglu.silu_mul_stacked). torch's grouped GEMM on sm90 runs
+128 x 256 tiles: at hybrid-374m's F = 1408 the split GEMMs' last tile column is half empty,
+where 2F = 2816 is eleven whole tiles; and the input gradient is one GEMM over K = 2F rather
+than two GEMMs and a sum. The parameters stay w1 and w3 (checkpoints, tensor and expert
+parallelism see them as before): the bf16 copy op writes both into the stacked copy in the
+same pass as the cast, and its backward splits the stacked gradient while casting it back.
+(Stacking was measured before, with inductor's SwiGLU backward on the stacked layout: the GEMMs
+gained 0.1 ms a layer and that backward lost 0.075 ms; docs/benchmarks.md.)
+
+The bf16 copies come from a custom op (`braid::expert_weights_bf16_stacked`) that
+torch.compile keeps whole: aten's vectorized cast for w2 and one Triton pass for [w1 | w3]
+(braid.kernels.moe.stack_triton). Split, aten's three casts took 0.053 ms for a hybrid-374m MoE
+layer (8 experts of 1024 x 1408, on an H200) where inductor's generated casts took 0.070 ms.
 
 Legend: N rows sorted by expert, D model dim, F expert hidden dim, E experts.
 """
@@ -19,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from braid.kernels.swiglu import silu_mul
+from braid.kernels.swiglu import silu_mul_stacked
 
 if not hasattr(torch, "_grouped_mm"):
     raise ImportError(f"torch {torch.__version__} has no torch._grouped_mm")
@@ -51,26 +59,36 @@ def supports(x_sorted_ND: Tensor, w1_EDF: Tensor) -> bool:
     )
 
 
-@torch.library.custom_op("braid::expert_weights_bf16", mutates_args=())
-def _expert_weights_bf16(w1_EDF: Tensor, w3_EDF: Tensor, w2_EFD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Copies of w1, w3 and w2 in bfloat16."""
-    return tuple(w.to(torch.bfloat16, copy=True) for w in (w1_EDF, w3_EDF, w2_EFD))
+@torch.library.custom_op("braid::expert_weights_bf16_stacked", mutates_args=())
+def _expert_weights_bf16_stacked(w1_EDF: Tensor, w3_EDF: Tensor, w2_EFD: Tensor) -> tuple[Tensor, Tensor]:
+    """bfloat16 copies: [w1 | w3] stacked along the last dimension (E, D, 2F), and w2."""
+    if w1_EDF.is_cuda:  # one Triton pass (aten's copies into the halves are strided: twice as slow)
+        from braid.kernels.moe.stack_triton import stack_cast
+
+        w13_ED2F = stack_cast(w1_EDF, w3_EDF, torch.bfloat16)
+    else:
+        w13_ED2F = torch.cat([w1_EDF, w3_EDF], dim=-1).to(torch.bfloat16)
+    return w13_ED2F, w2_EFD.to(torch.bfloat16, copy=True)
 
 
-@_expert_weights_bf16.register_fake
+@_expert_weights_bf16_stacked.register_fake
 def _(w1_EDF, w3_EDF, w2_EFD):
-    return tuple(w.new_empty(w.shape, dtype=torch.bfloat16) for w in (w1_EDF, w3_EDF, w2_EFD))
+    num_experts, d_model, d_hidden = w1_EDF.shape
+    w13_ED2F = w1_EDF.new_empty((num_experts, d_model, 2 * d_hidden), dtype=torch.bfloat16)
+    return w13_ED2F, w2_EFD.new_empty(w2_EFD.shape, dtype=torch.bfloat16)
 
 
 def _setup(ctx, inputs, output):
     ctx.dtypes = tuple(w.dtype for w in inputs)
 
 
-def _grads(ctx, *grads):
-    return tuple(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
+def _grads(ctx, grad_w13_ED2F, grad_w2_EFD):
+    dtype1, dtype3, dtype2 = ctx.dtypes
+    grad_w1_EDF, grad_w3_EDF = grad_w13_ED2F.chunk(2, dim=-1)
+    return grad_w1_EDF.to(dtype1), grad_w3_EDF.to(dtype3), grad_w2_EFD.to(dtype2)
 
 
-_expert_weights_bf16.register_autograd(_grads, setup_context=_setup)
+_expert_weights_bf16_stacked.register_autograd(_grads, setup_context=_setup)
 
 
 def grouped_swiglu_mm(
@@ -79,10 +97,8 @@ def grouped_swiglu_mm(
     """`braid.kernels.moe.grouped_swiglu` as grouped GEMMs (inputs validated; counts sum to N)."""
     offsets_E = counts_E.cumsum(0).to(torch.int32)
     with torch.autocast(x_sorted_ND.device.type, enabled=False):
-        if not all(w.dtype == torch.bfloat16 for w in (w1_EDF, w3_EDF, w2_EFD)):
-            w1_EDF, w3_EDF, w2_EFD = torch.ops.braid.expert_weights_bf16(w1_EDF, w3_EDF, w2_EFD)
+        w13_ED2F, w2_EFD = torch.ops.braid.expert_weights_bf16_stacked(w1_EDF, w3_EDF, w2_EFD)
         x_ND = x_sorted_ND.to(torch.bfloat16)
-        gate_NF = torch._grouped_mm(x_ND, w1_EDF, offs=offsets_E)
-        up_NF = torch._grouped_mm(x_ND, w3_EDF, offs=offsets_E)
-        y_ND = torch._grouped_mm(silu_mul(gate_NF, up_NF), w2_EFD, offs=offsets_E)
+        h_N2F = torch._grouped_mm(x_ND, w13_ED2F, offs=offsets_E)
+        y_ND = torch._grouped_mm(silu_mul_stacked(h_N2F), w2_EFD, offs=offsets_E)
     return y_ND.to(x_sorted_ND.dtype)
