@@ -34,7 +34,7 @@ from braid.kernels.attention import attention
 from braid.kernels.backend import pick, unavailable_reason, use_backends
 from braid.kernels.cross_entropy import linear_cross_entropy
 from braid.kernels.gla import gla
-from braid.kernels.moe import grouped_swiglu, router_logits
+from braid.kernels.moe import grouped_swiglu, router_logits, weighted_combine
 from braid.kernels.norm import gated_rms_norm, rms_norm
 from braid.kernels.ssd import causal_conv1d, ssd
 from braid.kernels.ssd.conv import causal_conv1d_reference
@@ -578,6 +578,29 @@ def bench_router(bench: Bench) -> None:
             bench.add("router", f"reference {name}", shape, make, force="reference")
 
 
+def bench_moe_combine(bench: Bench) -> None:
+    """The MoE's weighted combine (hybrid-374m: top-2 of bf16 expert outputs, float32 gates),
+    forward + backward, compiled: braid's Triton backward (opt-in) against the reference's, both
+    after inductor's forward."""
+    N, K, D = B * T, 2, 1024
+    order_S = torch.randperm(N * K, device="cuda")
+    unsort_S = torch.empty_like(order_S)
+    unsort_S[order_S] = torch.arange(N * K, device="cuda")
+
+    def make():  # called under the entry's backends: dynamo's guards on the choice recompile
+        compiled = torch.compile(lambda y, g: weighted_combine(y, g, order_S, unsort_S), dynamic=False)
+        leaves = dict(y=randn(N * K, D, dtype=BF16), g=torch.rand(N, K, device="cuda"))
+        return fwd_bwd(compiled, leaves)
+
+    shape = f"N{N} K{K} D{D} bf16 y, fp32 gates"
+    probe = (torch.empty(1, device="cuda"),)
+    # forward: y gathered, output written (float32); backward: the gradient and y read, dy written
+    bytes_moved = N * K * D * 2 * 3 + N * D * 4 * 2
+    bench.add("moe_combine", "triton backward", shape, make, bytes_moved=bytes_moved, force="moe_combine=triton",
+              backend=("moe_combine", "triton", probe))
+    bench.add("moe_combine", "reference, inductor", shape, make, bytes_moved=bytes_moved, force="reference")
+
+
 SECTIONS = {
     "attention": bench_attention,
     "norm": bench_norms,
@@ -585,6 +608,7 @@ SECTIONS = {
     "cross_entropy": bench_cross_entropy,
     "moe": bench_moe,
     "router": bench_router,
+    "moe_combine": bench_moe_combine,
     "conv": bench_conv,
     "gla": bench_gla,
     "gla_intra": bench_gla_intra,

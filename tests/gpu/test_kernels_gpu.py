@@ -38,7 +38,7 @@ from braid.kernels.cross_entropy import linear_cross_entropy
 from braid.kernels.cross_entropy.reference import linear_cross_entropy_reference
 from braid.kernels.gla import gla, gla_step
 from braid.kernels.gla.reference import gla_chunked, gla_step_reference
-from braid.kernels.moe import grouped_swiglu
+from braid.kernels.moe import grouped_swiglu, weighted_combine
 from braid.kernels.moe.reference import grouped_swiglu_reference
 from braid.kernels.norm import gated_rms_norm, rms_norm
 from braid.kernels.norm.reference import gated_rms_norm_reference, rms_norm_reference
@@ -999,6 +999,41 @@ def test_expert_weights_bf16_stacked_on_the_gpu():
     g1, g3 = torch.autograd.grad(w13, (w1, w3), g13)
     assert torch.equal(g1, g13[..., :1408].float()) and torch.equal(g3, g13[..., 1408:].float())
     torch.library.opcheck(torch.ops.braid.expert_weights_bf16_stacked.default, (w1, w3, w2))
+
+
+@pytest.mark.parametrize("N,K,D", [(16384, 2, 1024), (999, 3, 200), (5, 1, 64)])
+def test_weighted_combine_triton_backward(N, K, D):
+    """braid's Triton backward of the MoE's weighted combine against the reference's (dy_sorted
+    is one product rounded to bf16 in both: equal; dgates a float32 sum over D in another order),
+    eagerly and compiled in one graph; two runs are bit-identical; its op passes opcheck."""
+    require("moe_combine", "triton")
+    gen = torch.Generator(device="cuda").manual_seed(N + K + D)
+    order_S = torch.randperm(N * K, generator=gen, device="cuda")
+    unsort_S = torch.empty_like(order_S)
+    unsort_S[order_S] = torch.arange(N * K, device="cuda")
+    leaves = dict(
+        y_sorted_SD=torch.randn(N * K, D, generator=gen, device="cuda").to(torch.bfloat16),
+        gates_NK=torch.rand(N, K, generator=gen, device="cuda"),
+    )
+
+    def combine(y_sorted_SD, gates_NK):
+        return weighted_combine(y_sorted_SD, gates_NK, order_S, unsort_S)
+
+    with use_backends("moe_combine=triton"):
+        assert pick("moe_combine", *leaves.values(), unsort_S) == "triton"
+        fast = run_with_grads(combine, leaves)
+        again = run_with_grads(combine, leaves)
+        compiled = run_with_grads(torch.compile(combine, fullgraph=True), leaves)
+        grad = torch.randn(N, D, generator=gen, device="cuda")
+        torch.library.opcheck(
+            torch.ops.braid.moe_combine_backward.default, (grad, leaves["y_sorted_SD"], leaves["gates_NK"], unsort_S)
+        )
+    with use_backends("moe_combine=reference"):
+        ref = run_with_grads(combine, leaves)
+    for other in (again, compiled):
+        assert all(torch.equal(a, b) for a, b in zip(fast[1].values(), other[1].values()))
+    assert torch.equal(fast[1]["y_sorted_SD"], ref[1]["y_sorted_SD"])
+    assert_parity(fast, ref, EXACT_FP32)
 
 
 ROUTER_CASES = [(16384, 1024, 8), (1000, 72, 5), (3, 1024, 64), (129, 256, 16)]  # (N, D, E)

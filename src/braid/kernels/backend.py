@@ -52,6 +52,7 @@ FAST_BACKENDS: dict[str, tuple[str, ...]] = {
     "cross_entropy": ("liger",),
     "moe": ("grouped_mm",),
     "router": ("triton",),
+    "moe_combine": ("triton",),  # the weighted combine's backward
 }
 BACKEND_MODULES: dict[tuple[str, str], str] = {
     ("ssd", "fla"): "braid.kernels.ssd.fla",
@@ -78,11 +79,12 @@ BACKEND_MODULES: dict[tuple[str, str], str] = {
     ("cross_entropy", "liger"): "braid.kernels.cross_entropy.liger",
     ("moe", "grouped_mm"): "braid.kernels.moe.grouped_mm",
     ("router", "triton"): "braid.kernels.moe.router_triton",
+    ("moe_combine", "triton"): "braid.kernels.moe.combine_triton",
 }
 FUSED_BY_COMPILE = frozenset({"norm", "gated_norm", "swiglu"})
 # Backends that run only when forced (e.g. BRAID_KERNELS="conv=triton"), not under auto: a new
 # kernel waits here until its GPU parity test and a benchmark have run.
-OPT_IN: frozenset[tuple[str, str]] = frozenset({("gla_scan", "triton")})
+OPT_IN: frozenset[tuple[str, str]] = frozenset({("gla_scan", "triton"), ("moe_combine", "triton")})
 
 _settings: dict[str, str] = {}
 _default = [AUTO]

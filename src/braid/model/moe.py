@@ -24,7 +24,8 @@ N tokens (B*T), S routed slots (N*K), X packed statistics (2E + 2).
 import torch
 from torch import nn
 
-from braid.kernels.moe import expert_input_dtype, grouped_swiglu, router_logits
+from braid.kernels.moe import expert_input_dtype, grouped_swiglu, router_logits, weighted_combine
+from braid.kernels.moe.reference import combine  # noqa: F401 (part of this module's API)
 from braid.model.config import MoEConfig
 from braid.model.mlp import SwiGLU
 
@@ -99,21 +100,6 @@ class _Dispatch(torch.autograd.Function):
         return grad_NKD.sum(dim=1, dtype=sum_dtype).to(grad_SD.dtype), None, None, None
 
 
-class _Combine(torch.autograd.Function):
-    """The expert outputs back in (token, k) order, y_sorted_SD[unsort_S]; unsort_S is a
-    permutation, so the backward is the gather through its inverse, order_S."""
-
-    @staticmethod
-    def forward(ctx, y_sorted_SD, order_S, unsort_S):
-        ctx.save_for_backward(order_S)
-        return y_sorted_SD[unsort_S]
-
-    @staticmethod
-    def backward(ctx, grad_SD):
-        (order_S,) = ctx.saved_tensors
-        return grad_SD[order_S], None, None
-
-
 def dispatch(x_ND: torch.Tensor, order_S: torch.Tensor, unsort_S: torch.Tensor, top_k: int) -> torch.Tensor:
     """Token rows for the N*K routed slots in expert order: x_ND[order_S // top_k] (S, D).
 
@@ -121,12 +107,6 @@ def dispatch(x_ND: torch.Tensor, order_S: torch.Tensor, unsort_S: torch.Tensor, 
     directions are gathers: the backward reads each token's K slot gradients at unsort_S and
     sums them, instead of the scatter-add (atomics, nondeterministic) of plain indexing."""
     return _Dispatch.apply(x_ND, order_S, unsort_S, top_k)
-
-
-def combine(y_sorted_SD: torch.Tensor, order_S: torch.Tensor, unsort_S: torch.Tensor) -> torch.Tensor:
-    """Expert outputs back in (token, k) slot order, y_sorted_SD[unsort_S] (S, D); the backward
-    gathers at order_S (a permutation's inverse) rather than scattering."""
-    return _Combine.apply(y_sorted_SD, order_S, unsort_S)
 
 
 class MoE(nn.Module):
@@ -211,12 +191,11 @@ class MoE(nn.Module):
     def _experts(
         self, x_ND: torch.Tensor, experts_NK: torch.Tensor, gates_NK: torch.Tensor, counts_E: torch.Tensor
     ) -> torch.Tensor:
-        num_tokens, top_k = experts_NK.shape
+        top_k = experts_NK.shape[1]
         order_S = sort_by_expert(experts_NK.flatten(), self.cfg.num_experts)
         unsort_S = inverse_permutation(order_S)
         y_sorted_SD = self.run_experts(dispatch(x_ND, order_S, unsort_S, top_k), counts_E)
-        y_NKD = combine(y_sorted_SD, order_S, unsort_S).unflatten(0, (num_tokens, top_k))
-        return (y_NKD.to(gates_NK.dtype) * gates_NK.unsqueeze(-1)).sum(dim=1)
+        return weighted_combine(y_sorted_SD, gates_NK, order_S, unsort_S)
 
     def run_experts(self, x_sorted_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_sorted_SD: (S, D) rows sorted by expert, counts_E: (E,) -> (S, D) expert outputs.

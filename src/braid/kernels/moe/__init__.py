@@ -4,7 +4,9 @@ and the router's float32 logits.
 On a Hopper GPU with bf16 compute the experts run as grouped GEMMs (torch._grouped_mm,
 braid.kernels.moe.grouped_mm), elsewhere as the loop over experts (the reference). The
 router's logits run on braid's Triton kernels (braid.kernels.moe.router_triton) on CUDA for
-up to 64 experts, elsewhere as a float32 linear with autocast off (the reference).
+up to 64 experts, elsewhere as a float32 linear with autocast off (the reference). The weighted
+combine of the experts' outputs is torch ops forward; its backward can run as one Triton
+kernel (braid.kernels.moe.combine_triton; opt-in, `moe_combine=triton`).
 
 Legend: N rows sorted by expert, D model dim, F expert hidden dim, E experts.
 """
@@ -12,9 +14,15 @@ Legend: N rows sorted by expert, D model dim, F expert hidden dim, E experts.
 import torch
 
 from braid.kernels.backend import backend_module, pick
-from braid.kernels.moe.reference import grouped_swiglu_reference, router_logits_reference
+from braid.kernels.moe.reference import grouped_swiglu_reference, router_logits_reference, weighted_combine_reference
 
-__all__ = ["expert_input_dtype", "grouped_swiglu", "router_logits", "router_logits_reference"]
+__all__ = [
+    "expert_input_dtype",
+    "grouped_swiglu",
+    "router_logits",
+    "router_logits_reference",
+    "weighted_combine",
+]
 
 
 def grouped_swiglu(
@@ -54,7 +62,9 @@ def _grouped_mm_runs(x_sorted_ND, counts_E, w1_EDF, w3_EDF, w2_EFD) -> bool:
 
 def _check_shapes(x_sorted_ND, counts_E, w1_EDF, w3_EDF, w2_EFD) -> None:
     if x_sorted_ND.ndim != 2:
-        raise ValueError(f"grouped_swiglu: x_sorted_ND must be 2-D (rows, d_model), got shape {tuple(x_sorted_ND.shape)}")
+        raise ValueError(
+            f"grouped_swiglu: x_sorted_ND must be 2-D (rows, d_model), got shape {tuple(x_sorted_ND.shape)}"
+        )
     if w1_EDF.ndim != 3 or w1_EDF.shape != w3_EDF.shape:
         raise ValueError(
             f"grouped_swiglu: w1 {tuple(w1_EDF.shape)} and w3 {tuple(w3_EDF.shape)} must both be (E, D, F)"
@@ -62,10 +72,13 @@ def _check_shapes(x_sorted_ND, counts_E, w1_EDF, w3_EDF, w2_EFD) -> None:
     num_experts, d_model, d_hidden = w1_EDF.shape
     if tuple(w2_EFD.shape) != (num_experts, d_hidden, d_model):
         raise ValueError(
-            f"grouped_swiglu: w2 has shape {tuple(w2_EFD.shape)}, expected (E, F, D) = {(num_experts, d_hidden, d_model)}"
+            f"grouped_swiglu: w2 has shape {tuple(w2_EFD.shape)}, "
+            f"expected (E, F, D) = {(num_experts, d_hidden, d_model)}"
         )
     if x_sorted_ND.shape[1] != d_model:
-        raise ValueError(f"grouped_swiglu: x_sorted_ND has d_model {x_sorted_ND.shape[1]} but the weights have {d_model}")
+        raise ValueError(
+            f"grouped_swiglu: x_sorted_ND has d_model {x_sorted_ND.shape[1]} but the weights have {d_model}"
+        )
     if counts_E.shape != (num_experts,) or counts_E.dtype.is_floating_point or counts_E.dtype.is_complex:
         raise ValueError(
             f"grouped_swiglu: counts_E must be an integer tensor of shape ({num_experts},), "
@@ -87,3 +100,23 @@ def router_logits(x_ND: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
         if router.supports(x_ND, weight_ED):
             return router.router_logits_triton(x_ND, weight_ED)
     return router_logits_reference(x_ND, weight_ED)
+
+
+def weighted_combine(
+    y_sorted_SD: torch.Tensor, gates_NK: torch.Tensor, order_S: torch.Tensor, unsort_S: torch.Tensor
+) -> torch.Tensor:
+    """Each token's K expert outputs weighted by its gates and summed, in the gates' dtype (N, D):
+    y_ND[n] = sum_k gates_NK[n, k] * y_sorted_SD[unsort_S[n * K + k]].
+
+    y_sorted_SD: (S, D) expert outputs in expert order; gates_NK: (N, K); order_S sorts the
+    flattened (token, k) slots by expert and unsort_S is its inverse (S = N * K)."""
+    if gates_NK.ndim != 2 or y_sorted_SD.ndim != 2 or unsort_S.shape != (gates_NK.numel(),):
+        raise ValueError(
+            f"weighted_combine: y_sorted_SD must be (N*K, D), gates_NK (N, K) and unsort_S (N*K,); got "
+            f"{tuple(y_sorted_SD.shape)}, {tuple(gates_NK.shape)} and {tuple(unsort_S.shape)}"
+        )
+    if pick("moe_combine", y_sorted_SD, gates_NK, unsort_S) == "triton":
+        combine = backend_module("moe_combine", "triton")
+        if combine.supports(y_sorted_SD, gates_NK):
+            return combine.weighted_combine_triton(y_sorted_SD, gates_NK, unsort_S)
+    return weighted_combine_reference(y_sorted_SD, gates_NK, order_S, unsort_S)

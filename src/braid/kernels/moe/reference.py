@@ -1,6 +1,8 @@
-"""Pure-PyTorch grouped SwiGLU over experts and router logits (the CPU path and the test oracle).
+"""Pure-PyTorch grouped SwiGLU over experts, router logits and the weighted combine of the
+experts' outputs (the CPU path and the test oracle).
 
-Legend: N rows sorted by expert, D model dim, F expert hidden dim, E experts.
+Legend: N rows sorted by expert (tokens, for the combine), D model dim, F expert hidden dim,
+E experts, K experts per token, S routed slots (N * K).
 """
 
 import torch
@@ -35,3 +37,33 @@ def router_logits_reference(x_ND: torch.Tensor, weight_ED: torch.Tensor) -> torc
     dtype = torch.promote_types(x_ND.dtype, torch.float32)
     with torch.autocast(x_ND.device.type, enabled=False):
         return F.linear(x_ND.to(dtype), weight_ED.to(dtype))
+
+
+class _Combine(torch.autograd.Function):
+    """The expert outputs back in (token, k) order, y_sorted_SD[unsort_S]; unsort_S is a
+    permutation, so the backward is the gather through its inverse, order_S."""
+
+    @staticmethod
+    def forward(ctx, y_sorted_SD, order_S, unsort_S):
+        ctx.save_for_backward(order_S)
+        return y_sorted_SD[unsort_S]
+
+    @staticmethod
+    def backward(ctx, grad_SD):
+        (order_S,) = ctx.saved_tensors
+        return grad_SD[order_S], None, None
+
+
+def combine(y_sorted_SD: torch.Tensor, order_S: torch.Tensor, unsort_S: torch.Tensor) -> torch.Tensor:
+    """Expert outputs back in (token, k) slot order, y_sorted_SD[unsort_S] (S, D); the backward
+    gathers at order_S (a permutation's inverse) rather than scattering."""
+    return _Combine.apply(y_sorted_SD, order_S, unsort_S)
+
+
+def weighted_combine_reference(
+    y_sorted_SD: torch.Tensor, gates_NK: torch.Tensor, order_S: torch.Tensor, unsort_S: torch.Tensor
+) -> torch.Tensor:
+    """Each token's K expert outputs weighted by its gates and summed, in the gates' dtype:
+    y_ND[n] = sum_k gates_NK[n, k] * y_sorted_SD[unsort_S[n * K + k]]."""
+    y_NKD = combine(y_sorted_SD, order_S, unsort_S).unflatten(0, gates_NK.shape)
+    return (y_NKD.to(gates_NK.dtype) * gates_NK.unsqueeze(-1)).sum(dim=1)
