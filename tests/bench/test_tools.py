@@ -213,3 +213,9 @@ def test_blocks_ab_times_the_two_graphs_in_alternation_and_summarises_rounds():
     a, b, ratio, low, high = blocks.ab_summary(times)
     assert (a, b) == (1.0, 1.05) and abs(ratio - 1.05) < 1e-12
     assert abs(low - 1.0 / 0.98) < 1e-12 and abs(high - 1.10) < 1e-12
+
+
+def test_conv_sweep_reads_the_configs_conv_shape():
+    conv_sweep = load_script("conv_sweep")
+    assert conv_sweep.conv_shape("hybrid-374m", 8192, 2) == (2, 8192, 2304, 4)  # x, B and C through one conv
+    assert all(len(config) == 4 for config in conv_sweep.FIRST_PASS)

@@ -488,6 +488,29 @@ def test_causal_conv1d(backend, dtype, T, docs, with_state):
     assert_parity(fast, ref, _tol(dtype, exact_fp32=True))
 
 
+@pytest.mark.parametrize("docs", [False, True], ids=["rows", "documents"])
+def test_conv_backward_tiles_agree(docs):
+    """braid's conv backward with its first pass walking tiles (BWD_STEPS > 1) and the second on
+    tiles of its own gives the defaults' dx bit for bit (the same dpre, the same taps in order) and
+    their weight and bias gradients in float32 (partials grouped otherwise)."""
+    require("conv", "triton")
+    from braid.kernels.ssd.conv_triton import conv_backward
+
+    B, T, C, K = 2, 8192, 2304, 4
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, T, C, generator=gen, device="cuda").to(torch.bfloat16)
+    dy = torch.randn(B, T, C, generator=gen, device="cuda").to(torch.bfloat16)
+    weight, bias = torch.randn(C, K, generator=gen, device="cuda") * 0.5, torch.randn(C, generator=gen, device="cuda")
+    doc_ids = doc_ids_for(B, T) if docs else None
+    want = conv_backward(dy, x, weight, bias, doc_ids, True)
+    for tiles in (dict(block_t=16, block_c=64, num_warps=4, steps=16), dict(block_t=32, block_c=64, num_warps=8,
+                                                                              steps=8, dx_tiles=(64, 64, 8))):
+        dx, dw, db = conv_backward(dy, x, weight, bias, doc_ids, True, **tiles)
+        assert torch.equal(dx, want[0]), tiles
+        assert_rel_close(dw, want[1], EXACT_FP32, "dweight")
+        assert_rel_close(db, want[2], EXACT_FP32, "dbias")
+
+
 # GLA.
 
 
