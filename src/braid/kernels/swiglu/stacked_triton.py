@@ -37,13 +37,20 @@ def supports(h_N2F: Tensor) -> bool:
 
 
 @triton.jit
-def _silu_mul_stacked_fwd_kernel(H, OUT, N, F, stride_h, stride_out, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
+def _gate_and_up(H, N, F, stride_h, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
+    """This program's rows and columns, their mask, and its gate and up tiles in float32."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     mask = (rows < N)[:, None] & (cols < F)[None, :]
     gate_at = H + rows[:, None] * stride_h + cols[None, :]
     gate = tl.load(gate_at, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_at + F, mask=mask, other=0.0).to(tl.float32)
+    return rows, cols, mask, gate, up
+
+
+@triton.jit
+def _silu_mul_stacked_fwd_kernel(H, OUT, N, F, stride_h, stride_out, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
+    rows, cols, mask, gate, up = _gate_and_up(H, N, F, stride_h, BLOCK_N, BLOCK_F)
     out = gate * tl.sigmoid(gate) * up
     tl.store(OUT + rows[:, None] * stride_out + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
@@ -51,12 +58,7 @@ def _silu_mul_stacked_fwd_kernel(H, OUT, N, F, stride_h, stride_out, BLOCK_N: tl
 @triton.jit
 def _silu_mul_stacked_bwd_kernel(H, DOUT, DH, N, F, stride_h, stride_dout, stride_dh, BLOCK_N: tl.constexpr,
                                  BLOCK_F: tl.constexpr):
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    mask = (rows < N)[:, None] & (cols < F)[None, :]
-    gate_at = H + rows[:, None] * stride_h + cols[None, :]
-    gate = tl.load(gate_at, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_at + F, mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, gate, up = _gate_and_up(H, N, F, stride_h, BLOCK_N, BLOCK_F)
     dout = tl.load(DOUT + rows[:, None] * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     dgate = dout * up * sig * (1.0 + gate * (1.0 - sig))  # silu'(g) = s (1 + g (1 - s))
