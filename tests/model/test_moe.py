@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from braid.kernels.moe import grouped_swiglu
 from braid.model.config import MoEConfig
-from braid.model.moe import ARGMAX_TOP_K, MoE, combine, dispatch, inverse_permutation, sort_by_expert, top_k_indices
+from braid.kernels.moe.reference import combine
+from braid.model.moe import ARGMAX_TOP_K, MoE, dispatch, inverse_permutation, sort_by_expert, top_k_indices
 
 D_MODEL = 8
 TOL = dict(rtol=1e-10, atol=1e-12)

@@ -9,8 +9,8 @@ learns only through the auxiliary losses. The bias steers selection only, never 
 Dispatch is dropless (no capacity factor): the N*K (token, expert) assignments are sorted by
 expert, each expert runs on its contiguous slice through braid.kernels.moe.grouped_swiglu,
 and the outputs are unsorted, weighted by their gates and summed over the k. Sorting and
-unsorting are gathers forward and backward (`dispatch`, `combine`): no scatter-adds, so the
-backward is deterministic.
+unsorting are gathers forward and backward (`dispatch` here, `braid.kernels.moe.weighted_combine`
+for the unsort with the gate weighting): no scatter-adds, so the backward is deterministic.
 
 Two methods are the seams for parallelism (braid.parallel.ep swaps in a subclass):
 `run_experts` (expert parallelism replaces it by an all-to-all) and `batch_sum` (the aux
@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from braid.kernels.moe import expert_input_dtype, grouped_swiglu, router_logits, weighted_combine
-from braid.kernels.moe.reference import combine  # noqa: F401 (part of this module's API)
 from braid.model.config import MoEConfig
 from braid.model.mlp import SwiGLU
 

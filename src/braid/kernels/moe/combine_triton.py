@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from braid.kernels.custom_ops import cuda_op
+from braid.kernels.moe.reference import gate_weighted_sum
 
 BLOCK_N = 8  # tokens a program takes
 BLOCK_D = 256  # columns a loop step takes
@@ -97,8 +98,7 @@ class _WeightedCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_sorted_SD, gates_NK, unsort_S):
         ctx.save_for_backward(y_sorted_SD, gates_NK, unsort_S)
-        y_NKD = y_sorted_SD[unsort_S].unflatten(0, gates_NK.shape)
-        return (y_NKD.to(gates_NK.dtype) * gates_NK.unsqueeze(-1)).sum(dim=1)
+        return gate_weighted_sum(y_sorted_SD[unsort_S].unflatten(0, gates_NK.shape), gates_NK)
 
     @staticmethod
     def backward(ctx, grad_ND):

@@ -97,7 +97,10 @@ def grouped_swiglu_mm(
     """`braid.kernels.moe.grouped_swiglu` as grouped GEMMs (inputs validated; counts sum to N)."""
     offsets_E = counts_E.cumsum(0).to(torch.int32)
     with torch.autocast(x_sorted_ND.device.type, enabled=False):
-        w13_ED2F, w2_EFD = torch.ops.braid.expert_weights_bf16_stacked(w1_EDF, w3_EDF, w2_EFD)
+        if all(w.dtype == torch.bfloat16 for w in (w1_EDF, w3_EDF, w2_EFD)):  # w2 as it is; w1 and w3 stacked
+            w13_ED2F = torch.cat([w1_EDF, w3_EDF], dim=-1)
+        else:
+            w13_ED2F, w2_EFD = torch.ops.braid.expert_weights_bf16_stacked(w1_EDF, w3_EDF, w2_EFD)
         x_ND = x_sorted_ND.to(torch.bfloat16)
         h_N2F = torch._grouped_mm(x_ND, w13_ED2F, offs=offsets_E)
         y_ND = torch._grouped_mm(silu_mul_stacked(h_N2F), w2_EFD, offs=offsets_E)

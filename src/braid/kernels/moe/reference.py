@@ -65,5 +65,9 @@ def weighted_combine_reference(
 ) -> torch.Tensor:
     """Each token's K expert outputs weighted by its gates and summed, in the gates' dtype:
     y_ND[n] = sum_k gates_NK[n, k] * y_sorted_SD[unsort_S[n * K + k]]."""
-    y_NKD = combine(y_sorted_SD, order_S, unsort_S).unflatten(0, gates_NK.shape)
+    return gate_weighted_sum(combine(y_sorted_SD, order_S, unsort_S).unflatten(0, gates_NK.shape), gates_NK)
+
+
+def gate_weighted_sum(y_NKD: torch.Tensor, gates_NK: torch.Tensor) -> torch.Tensor:
+    """sum_k gates_NK[n, k] * y_NKD[n, k], in the gates' dtype (N, D)."""
     return (y_NKD.to(gates_NK.dtype) * gates_NK.unsqueeze(-1)).sum(dim=1)
